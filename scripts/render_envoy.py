@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Render a runnable Envoy config from a shipped one (envoy/envoy.yaml by default).
+
+The shipped file is what users copy; tests and `make run` run that same file with only
+addresses swapped: listener and admin ports, the wasm path, the "gemini" cluster pointed at
+fake-gemini (plain HTTP/1.1) instead of Google, the "app" cluster, and, for tests, the plugin
+configuration and extra listeners that differ only in plugin configuration.
+
+    python3 scripts/render_envoy.py --fake-gemini 127.0.0.1:8081 --out run/envoy.yaml
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "gemini_image_filter.wasm")
+
+
+def _addr(s):
+    host, port = s.rsplit(":", 1)
+    return host, int(port)
+
+
+def _hcm(listener):
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _wasm_filter(listener):
+    for f in _hcm(listener)["http_filters"]:
+        if f["name"] == "envoy.filters.http.wasm":
+            return f["typed_config"]["config"]
+    raise ValueError("listener %s has no wasm filter" % listener["name"])
+
+
+def plugin_config(listener):
+    """The plugin configuration of a listener, as a dict."""
+    return json.loads(_wasm_filter(listener)["configuration"]["value"] or "{}")
+
+
+def _set_plugin_config(listener, cfg):
+    _wasm_filter(listener)["configuration"]["value"] = json.dumps(cfg)
+
+
+def _point_cluster(doc, name, host, port, plain_http1=True):
+    for c in doc["static_resources"]["clusters"]:
+        if c["name"] == name:
+            c["type"] = "STATIC"
+            c.pop("dns_lookup_family", None)
+            c["load_assignment"] = {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}],
+            }
+            if plain_http1:
+                c.pop("transport_socket", None)
+                c.pop("typed_extension_protocol_options", None)
+            return c
+    raise ValueError("no cluster named %s" % name)
+
+
+def render(
+    base=os.path.join(ROOT, "envoy", "envoy.yaml"),
+    *,
+    listen_port=None,
+    admin_port=None,
+    wasm=DEFAULT_WASM,
+    fake_gemini=None,
+    app=None,
+    plugin=None,
+    plugin_patch=None,
+    extra_listeners=(),
+    extra_clusters=(),
+):
+    """Returns the rendered config as a dict.
+
+    plugin: replaces the main listener's plugin configuration; plugin_patch: merged into it.
+    extra_listeners: (name, port, plugin_config_dict) copies of the main listener.
+    """
+    with open(base) as f:
+        doc = yaml.safe_load(f)
+    listeners = doc["static_resources"]["listeners"]
+    main = listeners[0]
+    if admin_port is not None:
+        doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    if listen_port is not None:
+        main["address"]["socket_address"]["port_value"] = listen_port
+    for listener in listeners:
+        try:
+            _wasm_filter(listener)["vm_config"]["code"]["local"]["filename"] = wasm
+        except ValueError:
+            pass
+    cfg = plugin_config(main)
+    if plugin is not None:
+        cfg = copy.deepcopy(plugin)
+    if plugin_patch:
+        for k, v in plugin_patch.items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k] = {**cfg[k], **v}
+            else:
+                cfg[k] = v
+    _set_plugin_config(main, cfg)
+    if fake_gemini:
+        _point_cluster(doc, "gemini", *_addr(fake_gemini))
+    if app:
+        _point_cluster(doc, "app", *_addr(app))
+    for name, port, cfg_extra in extra_listeners:
+        l = copy.deepcopy(main)
+        l["name"] = name
+        l["address"]["socket_address"]["port_value"] = port
+        _hcm(l)["stat_prefix"] = name
+        _set_plugin_config(l, cfg_extra)
+        listeners.append(l)
+    for name, host, port in extra_clusters:
+        doc["static_resources"]["clusters"].append(
+            {
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}],
+                },
+            }
+        )
+    return doc
+
+
+def write(doc, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=os.path.join(ROOT, "envoy", "envoy.yaml"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--fake-gemini", help="HOST:PORT of fake-gemini; omit to keep Google's TLS cluster")
+    p.add_argument("--app", help="HOST:PORT of the application cluster")
+    p.add_argument("--listen-port", type=int)
+    p.add_argument("--admin-port", type=int)
+    p.add_argument("--wasm", default=DEFAULT_WASM)
+    a = p.parse_args()
+    doc = render(a.base, listen_port=a.listen_port, admin_port=a.admin_port, wasm=a.wasm, fake_gemini=a.fake_gemini, app=a.app)
+    write(doc, a.out)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+//! The plugin configuration (contract section 6): read with serde, unknown keys refused,
+//! validated once at configure time into `Settings`, which the request path only reads.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::geometry::ImageSize;
+use crate::model::ModelVariant;
+use crate::safety::{SafetyLevel, SafetyPolicy};
+
+/// The environment variable that sets the platform safety level.
+pub const SAFETY_ENV: &str = "GEMINI_IMAGE_SAFETY_THRESHOLD";
+/// `limits.max_n` may never be set above this.
+pub const MAX_N_CEILING: u32 = 10;
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    gemini: RawGemini,
+    models: RawModels,
+    safety: RawSafety,
+    limits: RawLimits,
+    styles: RawStyles,
+    cache: Option<RawCache>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawGemini {
+    cluster: String,
+    authority: String,
+    model: String,
+    api_key_env: String,
+    timeout_ms: u64,
+}
+
+impl Default for RawGemini {
+    fn default() -> Self {
+        RawGemini {
+            cluster: "gemini".into(),
+            authority: "generativelanguage.googleapis.com".into(),
+            model: "gemini-3-pro-image-preview".into(),
+            api_key_env: "GEMINI_API_KEY".into(),
+            timeout_ms: 180_000,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawModels {
+    aliases: BTreeMap<String, String>,
+}
+
+impl Default for RawModels {
+    fn default() -> Self {
+        let mut aliases = BTreeMap::new();
+        aliases.insert("dall-e-3".to_string(), "gemini-3-pro-image".to_string());
+        aliases.insert("gpt-image-1".to_string(), "gemini-3-pro-image".to_string());
+        RawModels { aliases }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawSafety {
+    default: Option<String>,
+    allow_request_override: bool,
+    minimum: String,
+}
+
+impl Default for RawSafety {
+    fn default() -> Self {
+        RawSafety {
+            default: None,
+            allow_request_override: true,
+            minimum: "OFF".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_n: u32,
+    max_prompt_chars: usize,
+    max_body_bytes: usize,
+    max_image_size: String,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_n: 4,
+            max_prompt_chars: 32000,
+            max_body_bytes: 1_048_576,
+            max_image_size: "4K".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawStyles {
+    vivid: String,
+    natural: String,
+}
+
+impl Default for RawStyles {
+    fn default() -> Self {
+        RawStyles {
+            vivid: "vivid colors, dramatic lighting, rich details".into(),
+            natural: "natural lighting, realistic, photorealistic".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    ttl_seconds: u64,
+    l1: Option<RawL1>,
+    l2: Option<RawL2>,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            ttl_seconds: 3600,
+            l1: None,
+            l2: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawL1 {
+    max_entries: u32,
+    max_entry_bytes: usize,
+}
+
+impl Default for RawL1 {
+    fn default() -> Self {
+        RawL1 {
+            max_entries: 64,
+            max_entry_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawL2 {
+    cluster: String,
+    authority: String,
+    timeout_ms: u64,
+    token_env: String,
+}
+
+impl Default for RawL2 {
+    fn default() -> Self {
+        RawL2 {
+            cluster: "image_cache".into(),
+            authority: "image-cache".into(),
+            timeout_ms: 250,
+            token_env: "IMAGE_CACHE_TOKEN".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeminiSettings {
+    pub cluster: String,
+    pub authority: String,
+    /// The upstream model id every variant maps to.
+    pub model: String,
+    /// The key read from the VM environment at configure time; `None` when unset.
+    pub api_key: Option<String>,
+    pub api_key_env: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_n: u32,
+    pub max_prompt_chars: usize,
+    pub max_body_bytes: usize,
+    pub max_image_size: ImageSize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Styles {
+    pub vivid: String,
+    pub natural: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L1Settings {
+    pub max_entries: u32,
+    pub max_entry_bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L2Settings {
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheSettings {
+    pub ttl_seconds: u64,
+    pub l1: Option<L1Settings>,
+    pub l2: Option<L2Settings>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub gemini: GeminiSettings,
+    /// Alias name to the variant it stands for (validated).
+    pub aliases: BTreeMap<String, ModelVariant>,
+    pub safety: SafetyPolicy,
+    pub limits: Limits,
+    pub styles: Styles,
+    pub cache: Option<CacheSettings>,
+    /// Things worth a warning at start-up that do not stop it (e.g. no API key).
+    pub warnings: Vec<String>,
+}
+
+fn non_empty(what: &str, v: &str) -> Result<(), String> {
+    if v.trim().is_empty() {
+        Err(format!("{what} must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn parse_level(what: &str, v: &str) -> Result<SafetyLevel, String> {
+    SafetyLevel::parse(v).ok_or_else(|| format!("{what} is {v:?}; expected one of OFF, LOW, MEDIUM, HIGH"))
+}
+
+impl Settings {
+    /// Reads the plugin configuration. Empty configuration means every default.
+    /// `env` reads the VM environment.
+    pub fn from_json(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, String> {
+        let raw: RawConfig = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            RawConfig::default()
+        } else {
+            serde_json::from_slice(bytes).map_err(|e| format!("plugin configuration: {e}"))?
+        };
+        let mut warnings = Vec::new();
+
+        let g = raw.gemini;
+        non_empty("gemini.cluster", &g.cluster)?;
+        non_empty("gemini.authority", &g.authority)?;
+        non_empty("gemini.model", &g.model)?;
+        non_empty("gemini.api_key_env", &g.api_key_env)?;
+        if !g
+            .model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(format!(
+                "gemini.model {:?} may hold only letters, digits, '-', '.', '_'",
+                g.model
+            ));
+        }
+        if g.timeout_ms == 0 || g.timeout_ms > 3_600_000 {
+            return Err(format!("gemini.timeout_ms is {}; expected 1..=3600000", g.timeout_ms));
+        }
+        let api_key = env(&g.api_key_env).filter(|k| !k.trim().is_empty());
+        if api_key.is_none() {
+            warnings.push(format!(
+                "environment variable {} is not set in the wasm VM: Gemini calls go out without x-goog-api-key",
+                g.api_key_env
+            ));
+        }
+
+        let mut aliases = BTreeMap::new();
+        for (alias, target) in raw.models.aliases {
+            non_empty("models.aliases key", &alias)?;
+            let v = ModelVariant::parse(&target).ok_or_else(|| {
+                format!("models.aliases.{alias} is {target:?}, which is not gemini-3-pro-image or one of its variants")
+            })?;
+            aliases.insert(alias, v);
+        }
+
+        let s = raw.safety;
+        let config_default = s
+            .default
+            .as_deref()
+            .map(|v| parse_level("safety.default", v))
+            .transpose()?;
+        let env_default = env(SAFETY_ENV)
+            .filter(|v| !v.is_empty())
+            .map(|v| parse_level(&format!("environment variable {SAFETY_ENV}"), &v))
+            .transpose()?;
+        let minimum = parse_level("safety.minimum", &s.minimum)?;
+        let safety = SafetyPolicy::new(config_default, env_default, s.allow_request_override, minimum)?;
+
+        let l = raw.limits;
+        if l.max_n == 0 || l.max_n > MAX_N_CEILING {
+            return Err(format!("limits.max_n is {}; expected 1..={MAX_N_CEILING}", l.max_n));
+        }
+        if l.max_prompt_chars == 0 {
+            return Err("limits.max_prompt_chars must be at least 1".into());
+        }
+        if l.max_body_bytes < 64 {
+            return Err(format!(
+                "limits.max_body_bytes is {}; expected at least 64",
+                l.max_body_bytes
+            ));
+        }
+        let max_image_size = ImageSize::parse(&l.max_image_size)
+            .ok_or_else(|| format!("limits.max_image_size is {:?}; expected 1K, 2K or 4K", l.max_image_size))?;
+
+        let cache = match raw.cache {
+            None => None,
+            Some(c) => {
+                if c.ttl_seconds == 0 {
+                    return Err("cache.ttl_seconds must be at least 1".into());
+                }
+                let l1 = match c.l1 {
+                    None => None,
+                    Some(l1) => {
+                        if l1.max_entries == 0 || l1.max_entries > 100_000 {
+                            return Err(format!(
+                                "cache.l1.max_entries is {}; expected 1..=100000",
+                                l1.max_entries
+                            ));
+                        }
+                        if l1.max_entry_bytes == 0 {
+                            return Err("cache.l1.max_entry_bytes must be at least 1".into());
+                        }
+                        Some(L1Settings {
+                            max_entries: l1.max_entries,
+                            max_entry_bytes: l1.max_entry_bytes,
+                        })
+                    }
+                };
+                let l2 = match c.l2 {
+                    None => None,
+                    Some(l2) => {
+                        non_empty("cache.l2.cluster", &l2.cluster)?;
+                        non_empty("cache.l2.authority", &l2.authority)?;
+                        if l2.timeout_ms == 0 {
+                            return Err("cache.l2.timeout_ms must be at least 1".into());
+                        }
+                        let token = env(&l2.token_env).filter(|t| !t.is_empty());
+                        Some(L2Settings {
+                            cluster: l2.cluster,
+                            authority: l2.authority,
+                            timeout_ms: l2.timeout_ms,
+                            token,
+                        })
+                    }
+                };
+                Some(CacheSettings {
+                    ttl_seconds: c.ttl_seconds,
+                    l1,
+                    l2,
+                })
+            }
+        };
+
+        Ok(Settings {
+            gemini: GeminiSettings {
+                cluster: g.cluster,
+                authority: g.authority,
+                model: g.model,
+                api_key,
+                api_key_env: g.api_key_env,
+                timeout_ms: g.timeout_ms,
+            },
+            aliases,
+            safety,
+            limits: Limits {
+                max_n: l.max_n,
+                max_prompt_chars: l.max_prompt_chars,
+                max_body_bytes: l.max_body_bytes,
+                max_image_size,
+            },
+            styles: Styles {
+                vivid: raw.styles.vivid,
+                natural: raw.styles.natural,
+            },
+            cache,
+            warnings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safety::{SafetyLevel, SafetySource};
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn empty_config_means_every_default() {
+        let s = Settings::from_json(b"", &no_env).unwrap();
+        assert_eq!(s.gemini.cluster, "gemini");
+        assert_eq!(s.gemini.authority, "generativelanguage.googleapis.com");
+        assert_eq!(s.gemini.model, "gemini-3-pro-image-preview");
+        assert_eq!(s.gemini.timeout_ms, 180_000);
+        assert_eq!(
+            s.limits,
+            Limits {
+                max_n: 4,
+                max_prompt_chars: 32000,
+                max_body_bytes: 1_048_576,
+                max_image_size: ImageSize::K4
+            }
+        );
+        assert_eq!(s.safety.default, SafetyLevel::Off);
+        assert!(s.safety.allow_request_override);
+        assert_eq!(s.safety.minimum, SafetyLevel::Off);
+        assert!(s.aliases.contains_key("dall-e-3") && s.aliases.contains_key("gpt-image-1"));
+        assert_eq!(s.cache, None);
+        assert_eq!(s.gemini.api_key, None);
+        assert_eq!(s.warnings.len(), 1);
+        assert_eq!(Settings::from_json(b"{}", &no_env).unwrap(), s);
+    }
+
+    #[test]
+    fn the_contract_example_is_accepted() {
+        let json = br#"{
+          "gemini": {"cluster": "gemini", "authority": "generativelanguage.googleapis.com",
+                     "model": "gemini-3-pro-image-preview", "api_key_env": "GEMINI_API_KEY",
+                     "timeout_ms": 180000},
+          "models": {"aliases": {"dall-e-3": "gemini-3-pro-image", "gpt-image-1": "gemini-3-pro-image"}},
+          "safety": {"default": "OFF", "allow_request_override": true, "minimum": "OFF"},
+          "limits": {"max_n": 4, "max_prompt_chars": 32000, "max_body_bytes": 1048576,
+                     "max_image_size": "4K"},
+          "styles": {"vivid": "vivid colors, dramatic lighting, rich details",
+                     "natural": "natural lighting, realistic, photorealistic"},
+          "cache": {"ttl_seconds": 3600,
+                    "l1": {"max_entries": 64, "max_entry_bytes": 16777216},
+                    "l2": {"cluster": "image_cache", "authority": "image-cache", "timeout_ms": 250,
+                           "token_env": "IMAGE_CACHE_TOKEN"}}
+        }"#;
+        let env = |k: &str| match k {
+            "GEMINI_API_KEY" => Some("k-123".to_string()),
+            "IMAGE_CACHE_TOKEN" => Some("tok".to_string()),
+            _ => None,
+        };
+        let s = Settings::from_json(json, &env).unwrap();
+        assert_eq!(s.gemini.api_key.as_deref(), Some("k-123"));
+        let cache = s.cache.unwrap();
+        assert_eq!(
+            cache.l1,
+            Some(L1Settings {
+                max_entries: 64,
+                max_entry_bytes: 16_777_216
+            })
+        );
+        assert_eq!(cache.l2.unwrap().token.as_deref(), Some("tok"));
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
+    fn bad_configs_say_why() {
+        let cases: [(&[u8], &str); 10] = [
+            (br#"{"bogus": 1}"#, "bogus"),
+            (br#"{"gemini": {"clustr": "x"}}"#, "clustr"),
+            (br#"{"safety": {"default": "SOMETIMES"}}"#, "SOMETIMES"),
+            (br#"{"safety": {"minimum": "max"}}"#, "max"),
+            (br#"{"safety": {"default": "LOW", "minimum": "HIGH"}}"#, "below"),
+            (br#"{"limits": {"max_n": 11}}"#, "max_n"),
+            (br#"{"limits": {"max_image_size": "8K"}}"#, "8K"),
+            (br#"{"models": {"aliases": {"x": "gpt-4"}}}"#, "gpt-4"),
+            (br#"{"cache": {"l1": {"max_entries": 0}}}"#, "max_entries"),
+            (br#"[1,2]"#, "plugin configuration"),
+        ];
+        for (json, needle) in cases {
+            let e = Settings::from_json(json, &no_env).unwrap_err();
+            assert!(e.contains(needle), "{e:?} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn environment_safety_level_is_validated_and_wins() {
+        let env = |k: &str| (k == SAFETY_ENV).then(|| "medium".to_string());
+        let s = Settings::from_json(br#"{"safety": {"default": "LOW"}}"#, &env).unwrap();
+        assert_eq!(
+            (s.safety.default, s.safety.default_source),
+            (SafetyLevel::Medium, SafetySource::Environment)
+        );
+        let bad = |k: &str| (k == SAFETY_ENV).then(|| "EXTREME".to_string());
+        let e = Settings::from_json(b"{}", &bad).unwrap_err();
+        assert!(e.contains(SAFETY_ENV) && e.contains("EXTREME"), "{e}");
+    }
+}

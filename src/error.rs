@@ -1,0 +1,225 @@
+//! The contract's error codes and the OpenAI-shaped error a client gets.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidPrompt,
+    UnsupportedModel,
+    PayloadTooLarge,
+    SafetyBlocked,
+    QuotaExhausted,
+    ServiceUnavailable,
+    UpstreamAuth,
+    UpstreamError,
+    NoImage,
+    NetworkError,
+    InternalError,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidPrompt,
+        ErrorCode::UnsupportedModel,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::SafetyBlocked,
+        ErrorCode::QuotaExhausted,
+        ErrorCode::ServiceUnavailable,
+        ErrorCode::UpstreamAuth,
+        ErrorCode::UpstreamError,
+        ErrorCode::NoImage,
+        ErrorCode::NetworkError,
+        ErrorCode::InternalError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "IMG_INVALID_REQUEST",
+            ErrorCode::InvalidPrompt => "IMG_INVALID_PROMPT",
+            ErrorCode::UnsupportedModel => "IMG_UNSUPPORTED_MODEL",
+            ErrorCode::PayloadTooLarge => "IMG_PAYLOAD_TOO_LARGE",
+            ErrorCode::SafetyBlocked => "IMG_SAFETY_BLOCKED",
+            ErrorCode::QuotaExhausted => "IMG_QUOTA_EXHAUSTED",
+            ErrorCode::ServiceUnavailable => "IMG_SERVICE_UNAVAILABLE",
+            ErrorCode::UpstreamAuth => "IMG_UPSTREAM_AUTH",
+            ErrorCode::UpstreamError => "IMG_UPSTREAM_ERROR",
+            ErrorCode::NoImage => "IMG_NO_IMAGE",
+            ErrorCode::NetworkError => "IMG_NETWORK_ERROR",
+            ErrorCode::InternalError => "IMG_INTERNAL_ERROR",
+        }
+    }
+
+    /// The HTTP status; `IMG_NETWORK_ERROR` is 504 instead when the cause was a timeout.
+    pub fn status(self) -> u32 {
+        match self {
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidPrompt
+            | ErrorCode::UnsupportedModel
+            | ErrorCode::SafetyBlocked => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::QuotaExhausted => 429,
+            ErrorCode::ServiceUnavailable => 503,
+            ErrorCode::UpstreamAuth | ErrorCode::UpstreamError | ErrorCode::NoImage | ErrorCode::NetworkError => 502,
+            ErrorCode::InternalError => 500,
+        }
+    }
+
+    /// OpenAI's `type`.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidPrompt
+            | ErrorCode::UnsupportedModel
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::SafetyBlocked => "invalid_request_error",
+            ErrorCode::QuotaExhausted => "rate_limit_error",
+            ErrorCode::ServiceUnavailable
+            | ErrorCode::UpstreamAuth
+            | ErrorCode::UpstreamError
+            | ErrorCode::NoImage
+            | ErrorCode::NetworkError => "api_error",
+            ErrorCode::InternalError => "server_error",
+        }
+    }
+
+    pub fn category(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidPrompt
+            | ErrorCode::UnsupportedModel
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::SafetyBlocked => "USER_ERROR",
+            ErrorCode::QuotaExhausted
+            | ErrorCode::ServiceUnavailable
+            | ErrorCode::UpstreamError
+            | ErrorCode::NoImage => "API_ERROR",
+            ErrorCode::UpstreamAuth | ErrorCode::InternalError => "SYSTEM_ERROR",
+            ErrorCode::NetworkError => "NETWORK_ERROR",
+        }
+    }
+
+    /// What the caller (or the operator) can do about it.
+    pub fn resolution(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => {
+                "Fix the request: it must be a JSON object of the OpenAI Images API with the values listed in the docs."
+            }
+            ErrorCode::InvalidPrompt => {
+                "Send a non-empty prompt within the length limit, and rephrase it if the model rejected it."
+            }
+            ErrorCode::UnsupportedModel => {
+                "Use gemini-3-pro-image, one of its variants, or an alias configured on this gateway."
+            }
+            ErrorCode::PayloadTooLarge => "Send a smaller request body.",
+            ErrorCode::SafetyBlocked => "Rephrase the prompt; the request was blocked by content safety.",
+            ErrorCode::QuotaExhausted => "Retry after the delay in retry-after, or lower the request rate.",
+            ErrorCode::ServiceUnavailable => "Retry later with backoff; Gemini is temporarily unavailable.",
+            ErrorCode::UpstreamAuth => "Contact the gateway operator: the gateway's Gemini credentials were rejected.",
+            ErrorCode::UpstreamError => "Retry later; if it persists, contact the gateway operator.",
+            ErrorCode::NoImage => "Retry, or rephrase the prompt to ask for an image explicitly.",
+            ErrorCode::NetworkError => "Retry later; the gateway could not reach Gemini in time.",
+            ErrorCode::InternalError => "Retry later and report the x-request-id to the gateway operator.",
+        }
+    }
+
+    /// Whether a client should retry the same request.
+    pub fn should_retry(self) -> bool {
+        !matches!(self.status(), 400 | 413) && self != ErrorCode::UpstreamAuth
+    }
+
+    /// Which error wins when all `n` calls failed differently: the one that tells the caller
+    /// most about what to do (lower is chosen first).
+    pub fn precedence(self) -> u8 {
+        match self {
+            ErrorCode::UpstreamAuth => 0,
+            ErrorCode::QuotaExhausted => 1,
+            ErrorCode::SafetyBlocked => 2,
+            ErrorCode::InvalidPrompt => 3,
+            ErrorCode::ServiceUnavailable => 4,
+            ErrorCode::NetworkError => 5,
+            ErrorCode::NoImage => 6,
+            ErrorCode::UpstreamError => 7,
+            ErrorCode::InvalidRequest
+            | ErrorCode::UnsupportedModel
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::InternalError => 8,
+        }
+    }
+}
+
+/// An error answer: the code plus what the message and headers need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub param: Option<&'static str>,
+    /// Seconds for `retry-after`, from Gemini's RetryInfo.
+    pub retry_after: Option<u64>,
+    /// A network error caused by a timeout answers 504.
+    pub timeout: bool,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+            timeout: false,
+        }
+    }
+
+    pub fn param(code: ErrorCode, param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(param),
+            ..ApiError::new(code, message)
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        if self.code == ErrorCode::NetworkError && self.timeout {
+            504
+        } else {
+            self.code.status()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_rows_match_the_contract() {
+        let rows = [
+            ("IMG_INVALID_REQUEST", 400, "invalid_request_error", "USER_ERROR"),
+            ("IMG_INVALID_PROMPT", 400, "invalid_request_error", "USER_ERROR"),
+            ("IMG_UNSUPPORTED_MODEL", 400, "invalid_request_error", "USER_ERROR"),
+            ("IMG_PAYLOAD_TOO_LARGE", 413, "invalid_request_error", "USER_ERROR"),
+            ("IMG_SAFETY_BLOCKED", 400, "invalid_request_error", "USER_ERROR"),
+            ("IMG_QUOTA_EXHAUSTED", 429, "rate_limit_error", "API_ERROR"),
+            ("IMG_SERVICE_UNAVAILABLE", 503, "api_error", "API_ERROR"),
+            ("IMG_UPSTREAM_AUTH", 502, "api_error", "SYSTEM_ERROR"),
+            ("IMG_UPSTREAM_ERROR", 502, "api_error", "API_ERROR"),
+            ("IMG_NO_IMAGE", 502, "api_error", "API_ERROR"),
+            ("IMG_NETWORK_ERROR", 502, "api_error", "NETWORK_ERROR"),
+            ("IMG_INTERNAL_ERROR", 500, "server_error", "SYSTEM_ERROR"),
+        ];
+        assert_eq!(rows.len(), ErrorCode::ALL.len());
+        for (code, (name, status, ty, cat)) in ErrorCode::ALL.into_iter().zip(rows) {
+            assert_eq!(
+                (code.as_str(), code.status(), code.error_type(), code.category()),
+                (name, status, ty, cat)
+            );
+        }
+    }
+
+    #[test]
+    fn timeouts_answer_504() {
+        let mut e = ApiError::new(ErrorCode::NetworkError, "x");
+        assert_eq!(e.status(), 502);
+        e.timeout = true;
+        assert_eq!(e.status(), 504);
+    }
+}

@@ -1,0 +1,392 @@
+//! One image request's life, as a state machine with no host in it: the host feeds events
+//! (headers seen, body complete, Gemini call k answered) and carries out the effects
+//! (call Gemini, reply, log). Every path ends in exactly one reply and one log line.
+
+use std::rc::Rc;
+
+use crate::access_log::{LogLevel, LogRecord};
+use crate::config::Settings;
+use crate::error::{ApiError, ErrorCode};
+use crate::gemini::{self, CallOutcome, CallResponse, GeminiImage, Usage};
+use crate::openai;
+use crate::request::{self, ImageRequest};
+use crate::safety::SafetyLevel;
+
+/// What the filter keeps of the request headers (they cannot be read after the headers phase).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestHead {
+    pub content_type: Option<String>,
+    pub content_length: Option<u64>,
+    pub request_id: Option<String>,
+    pub cache_control: Option<String>,
+}
+
+/// An HTTP call-out to make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpCall {
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// A local reply to the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub json: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Make `count` identical calls; answers come back as `on_call_response(index, ..)`.
+    CallGemini {
+        count: u32,
+        call: HttpCall,
+    },
+    Reply(Reply),
+    Log(LogLine),
+}
+
+pub struct Exchange {
+    settings: Rc<Settings>,
+    head: RequestHead,
+    started_ms: u64,
+    request: Option<ImageRequest>,
+    prompt_hash: Option<String>,
+    model: Option<String>,
+    safety: Option<SafetyLevel>,
+    calls: Vec<Option<CallOutcome>>,
+    upstream_started_ms: Option<u64>,
+    done: bool,
+}
+
+impl Exchange {
+    pub fn new(settings: Rc<Settings>, head: RequestHead, now_ms: u64) -> Exchange {
+        Exchange {
+            settings,
+            head,
+            started_ms: now_ms,
+            request: None,
+            prompt_hash: None,
+            model: None,
+            safety: None,
+            calls: Vec::new(),
+            upstream_started_ms: None,
+            done: false,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Headers seen: a declared body over the limit is refused before it is read.
+    pub fn on_headers(&mut self, now_ms: u64) -> Vec<Effect> {
+        match self.head.content_length {
+            Some(len) if len > self.settings.limits.max_body_bytes as u64 => self.too_large(now_ms),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Part of the body arrived; `buffered` bytes so far.
+    pub fn on_body_progress(&mut self, buffered: usize, now_ms: u64) -> Vec<Effect> {
+        if !self.done && buffered > self.settings.limits.max_body_bytes {
+            self.too_large(now_ms)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn too_large(&mut self, now_ms: u64) -> Vec<Effect> {
+        let e = ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "request body is over this gateway's limit of {} bytes",
+                self.settings.limits.max_body_bytes
+            ),
+        );
+        self.fail(e, None, now_ms)
+    }
+
+    /// The whole body is here.
+    pub fn on_body(&mut self, body: &[u8], now_ms: u64) -> Vec<Effect> {
+        if self.done {
+            return Vec::new();
+        }
+        if body.len() > self.settings.limits.max_body_bytes {
+            return self.too_large(now_ms);
+        }
+        if !is_json(self.head.content_type.as_deref()) {
+            let got = self.head.content_type.as_deref().unwrap_or("none");
+            let e = ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "content-type must be application/json, got {:?}",
+                    got.chars().take(64).collect::<String>()
+                ),
+            );
+            return self.fail(e, None, now_ms);
+        }
+        let req = match request::parse_request(body, &self.settings) {
+            Ok(r) => r,
+            Err(rejection) => {
+                self.prompt_hash = rejection.prompt_hash;
+                self.model = rejection.model;
+                self.safety = rejection.safety;
+                return self.fail(rejection.error, None, now_ms);
+            }
+        };
+        self.prompt_hash = Some(req.prompt_hash.clone());
+        self.model = Some(req.model.clone());
+        self.safety = Some(req.safety);
+        let g = &self.settings.gemini;
+        let mut headers = vec![
+            (":method".to_string(), "POST".to_string()),
+            (":path".to_string(), gemini::generate_content_path(&g.model)),
+            (":authority".to_string(), g.authority.clone()),
+            ("content-type".to_string(), "application/json".to_string()),
+            (
+                "x-goog-api-client".to_string(),
+                concat!("gemini-image-filter/", env!("CARGO_PKG_VERSION")).to_string(),
+            ),
+        ];
+        if let Some(key) = &g.api_key {
+            headers.push(("x-goog-api-key".to_string(), key.clone()));
+        }
+        let call = HttpCall {
+            cluster: g.cluster.clone(),
+            headers,
+            body: gemini::request_body(&req.final_prompt, req.ratio, req.image_size, req.safety),
+            timeout_ms: g.timeout_ms,
+        };
+        let count = req.n;
+        self.calls = vec![None; count as usize];
+        self.request = Some(req);
+        self.upstream_started_ms = Some(now_ms);
+        vec![Effect::CallGemini { count, call }]
+    }
+
+    /// Call `index` could not even be dispatched (unknown cluster, host refused).
+    pub fn on_call_not_dispatched(&mut self, index: u32, why: &str, now_ms: u64) -> Vec<Effect> {
+        let e = ApiError::new(
+            ErrorCode::InternalError,
+            format!("the gateway could not call Gemini: {why}"),
+        );
+        self.record(
+            index,
+            CallOutcome {
+                upstream_status: 0,
+                result: Err(e),
+                usage: None,
+            },
+            now_ms,
+        )
+    }
+
+    /// Call `index` answered (or failed).
+    pub fn on_call_response(&mut self, index: u32, response: CallResponse, now_ms: u64) -> Vec<Effect> {
+        if self.done {
+            return Vec::new();
+        }
+        self.record(index, gemini::read_call(response), now_ms)
+    }
+
+    fn record(&mut self, index: u32, outcome: CallOutcome, now_ms: u64) -> Vec<Effect> {
+        match self.calls.get_mut(index as usize) {
+            Some(slot @ None) => *slot = Some(outcome),
+            _ => return Vec::new(), // unknown or repeated: ignore
+        }
+        if self.done || self.calls.iter().any(Option::is_none) {
+            return Vec::new();
+        }
+        self.finish(now_ms)
+    }
+
+    fn finish(&mut self, now_ms: u64) -> Vec<Effect> {
+        let calls = std::mem::take(&mut self.calls);
+        let mut usage: Option<Usage> = None;
+        for u in calls.iter().flatten().filter_map(|c| c.usage) {
+            usage.get_or_insert_with(Usage::default).add(u);
+        }
+        let images: Vec<&GeminiImage> = calls.iter().flatten().filter_map(|c| c.result.as_ref().ok()).collect();
+        let failed = calls.len() - images.len();
+        if images.is_empty() {
+            // All failed: answer with the most telling error.
+            let chosen = calls
+                .iter()
+                .flatten()
+                .filter_map(|c| c.result.as_ref().err().map(|e| (e, c.upstream_status)))
+                .min_by_key(|(e, _)| e.code.precedence());
+            let (e, status) = match chosen {
+                Some((e, s)) => (e.clone(), Some(s)),
+                None => (ApiError::new(ErrorCode::InternalError, "no Gemini call was made"), None),
+            };
+            return self.fail(e, status, now_ms);
+        }
+        let Some(req) = &self.request else {
+            return self.fail(
+                ApiError::new(ErrorCode::InternalError, "request state lost"),
+                None,
+                now_ms,
+            );
+        };
+        let body = openai::images_body(now_ms / 1000, &images, req.response_format, usage);
+        let mut headers = self.common_headers();
+        if failed > 0 {
+            headers.push(("x-images-failed".to_string(), failed.to_string()));
+        }
+        let mut record = self.log_record(200, now_ms);
+        record.images = images.len() as u32;
+        record.failed_calls = failed as u32;
+        record.upstream_status = Some(200);
+        record.usage = usage;
+        self.done = true;
+        vec![
+            Effect::Reply(Reply {
+                status: 200,
+                headers,
+                body,
+            }),
+            Effect::Log(LogLine {
+                level: LogLevel::Info,
+                json: record.to_json(),
+            }),
+        ]
+    }
+
+    /// The client went away before the answer: one log line, no reply.
+    pub fn on_abandoned(&mut self, now_ms: u64) -> Vec<Effect> {
+        if self.done {
+            return Vec::new();
+        }
+        self.done = true;
+        let mut record = self.log_record(499, now_ms);
+        record.outcome = "client_closed";
+        vec![Effect::Log(LogLine {
+            level: LogLevel::Warn,
+            json: record.to_json(),
+        })]
+    }
+
+    fn fail(&mut self, e: ApiError, upstream_status: Option<u32>, now_ms: u64) -> Vec<Effect> {
+        if self.done {
+            return Vec::new();
+        }
+        self.done = true;
+        let status = e.status();
+        let mut headers = self.common_headers();
+        if !e.code.should_retry() {
+            headers.push(("x-should-retry".to_string(), "false".to_string()));
+        }
+        if let Some(secs) = e.retry_after {
+            headers.push(("retry-after".to_string(), secs.to_string()));
+        }
+        let mut record = self.log_record(status, now_ms);
+        record.upstream_status = upstream_status;
+        record.outcome = "error";
+        record.error = Some(e.code);
+        let failed = self.calls.len().max(self.request.as_ref().map_or(0, |r| r.n as usize));
+        record.failed_calls = if upstream_status.is_some() { failed as u32 } else { 0 };
+        let level = if e.code.category() == "USER_ERROR" {
+            LogLevel::Warn
+        } else {
+            LogLevel::Error
+        };
+        vec![
+            Effect::Reply(Reply {
+                status,
+                headers,
+                body: openai::error_body(&e),
+            }),
+            Effect::Log(LogLine {
+                level,
+                json: record.to_json(),
+            }),
+        ]
+    }
+
+    fn cache_state(&self) -> &'static str {
+        let no_store = self
+            .head
+            .cache_control
+            .as_deref()
+            .is_some_and(|c| has_directive(c, "no-store"));
+        if self.settings.cache.is_some() && no_store {
+            "bypass"
+        } else {
+            "miss"
+        }
+    }
+
+    fn common_headers(&self) -> Vec<(String, String)> {
+        let mut h = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("x-image-cache".to_string(), self.cache_state().to_string()),
+        ];
+        if let Some(p) = &self.prompt_hash {
+            h.push(("x-image-prompt-hash".to_string(), p.clone()));
+        }
+        if let Some(s) = self.safety {
+            h.push(("x-image-safety".to_string(), s.as_str().to_string()));
+        }
+        h
+    }
+
+    fn log_record(&self, status: u32, now_ms: u64) -> LogRecord {
+        let req = self.request.as_ref();
+        LogRecord {
+            outcome: "success",
+            status,
+            error: None,
+            model: self.model.clone(),
+            variant: req.map(|r| r.variant.name()),
+            n: req.map(|r| r.n),
+            aspect_ratio: req.map(|r| r.ratio.as_str()),
+            image_size: req.and_then(|r| r.image_size).map(|s| s.as_str()),
+            quality: req.and_then(|r| r.quality).map(|q| q.as_str()),
+            style: req.and_then(|r| r.style).map(|s| s.as_str()),
+            safety: self.safety.map(|s| s.as_str()),
+            cache: self.cache_state(),
+            latency_ms: now_ms.saturating_sub(self.started_ms),
+            upstream_latency_ms: self.upstream_started_ms.map(|t| now_ms.saturating_sub(t)),
+            upstream_status: None,
+            prompt_hash: self.prompt_hash.clone(),
+            request_id: self.head.request_id.clone(),
+            images: 0,
+            failed_calls: 0,
+            usage: None,
+        }
+    }
+}
+
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|c| {
+        let mime = c.split(';').next().unwrap_or("").trim();
+        mime.eq_ignore_ascii_case("application/json")
+    })
+}
+
+/// Whether a `cache-control` header holds a directive (case-insensitive, comma-separated).
+pub fn has_directive(cache_control: &str, directive: &str) -> bool {
+    cache_control
+        .split(',')
+        .any(|d| d.split('=').next().unwrap_or("").trim().eq_ignore_ascii_case(directive))
+}
+
+#[cfg(test)]
+#[path = "exchange_tests.rs"]
+mod tests;

@@ -1,0 +1,73 @@
+//! The few host calls the filter makes, wrapped so that nothing here can panic: every
+//! failure becomes `None`/`Err` for the caller to turn into an answer. Header values are read
+//! as bytes (the SDK's string readers panic on non-UTF-8 values a client can send).
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel as HostLevel, MapType, Status};
+
+use crate::access_log::LogLevel;
+
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn header(map: MapType, name: &str) -> Option<String> {
+    match hostcalls::get_map_value_bytes(map, name) {
+        Ok(Some(v)) => Some(String::from_utf8_lossy(&v).into_owned()),
+        _ => None,
+    }
+}
+
+pub fn request_header(name: &str) -> Option<String> {
+    header(MapType::HttpRequestHeaders, name)
+}
+
+pub fn call_response_header(name: &str) -> Option<String> {
+    header(MapType::HttpCallResponseHeaders, name)
+}
+
+fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
+    if size == 0 {
+        return Vec::new();
+    }
+    match hostcalls::get_buffer(kind, 0, size) {
+        Ok(Some(b)) => b,
+        _ => Vec::new(),
+    }
+}
+
+pub fn request_body(size: usize) -> Vec<u8> {
+    buffer(BufferType::HttpRequestBody, size)
+}
+
+pub fn call_response_body(size: usize) -> Vec<u8> {
+    buffer(BufferType::HttpCallResponseBody, size)
+}
+
+pub fn plugin_configuration() -> Vec<u8> {
+    buffer(BufferType::PluginConfiguration, usize::MAX)
+}
+
+pub fn send_reply(status: u32, headers: &[(String, String)], body: &[u8]) -> Result<(), Status> {
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    hostcalls::send_http_response(status, headers, Some(body))
+}
+
+pub fn dispatch(cluster: &str, headers: &[(String, String)], body: &[u8], timeout_ms: u64) -> Result<u32, Status> {
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], Duration::from_millis(timeout_ms))
+}
+
+pub fn log(level: LogLevel, message: &str) {
+    let level = match level {
+        LogLevel::Info => HostLevel::Info,
+        LogLevel::Warn => HostLevel::Warn,
+        LogLevel::Error => HostLevel::Error,
+    };
+    let _ = hostcalls::log(level, message);
+}

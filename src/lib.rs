@@ -1,0 +1,21 @@
+//! gemini-image-filter: the OpenAI Images API on Gemini 3 Pro Image, as an Envoy proxy-wasm
+//! filter.
+//!
+//! Everything but `host` is a pure core that knows nothing of proxy-wasm and is tested
+//! natively (and on wasm32-wasip1 under Node's WASI). `host` is the thin glue that turns the
+//! core's effects into host calls.
+
+pub mod access_log;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod gemini;
+pub mod geometry;
+pub mod hash;
+pub mod model;
+pub mod openai;
+pub mod request;
+pub mod safety;
+
+#[cfg(all(target_arch = "wasm32", not(test)))]
+mod host;

@@ -1,0 +1,131 @@
+//! OpenAI's response shapes: the images answer and the error answer.
+
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::gemini::{GeminiImage, Usage};
+use crate::request::ResponseFormat;
+
+/// The success body, written straight into one buffer so the base64 is copied once.
+pub fn images_body(created: u64, images: &[&GeminiImage], format: ResponseFormat, usage: Option<Usage>) -> Vec<u8> {
+    let payload: usize = images.iter().map(|i| i.base64().len() + 64).sum();
+    let mut out = Vec::with_capacity(payload + 256);
+    out.extend_from_slice(b"{\"created\":");
+    out.extend_from_slice(created.to_string().as_bytes());
+    out.extend_from_slice(b",\"data\":[");
+    for (i, image) in images.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match format {
+            ResponseFormat::B64Json => out.extend_from_slice(b"{\"b64_json\":\""),
+            ResponseFormat::Url => {
+                out.extend_from_slice(b"{\"url\":\"data:");
+                push_json_inner(&mut out, &image.mime_type);
+                out.extend_from_slice(b";base64,");
+            }
+        }
+        out.extend_from_slice(image.base64());
+        out.push(b'"');
+        if let Some(text) = &image.text {
+            out.extend_from_slice(b",\"revised_prompt\":");
+            out.extend_from_slice(json!(text).to_string().as_bytes());
+        }
+        out.push(b'}');
+    }
+    out.push(b']');
+    if let Some(u) = usage {
+        out.extend_from_slice(
+            format!(
+                ",\"usage\":{{\"input_tokens\":{},\"output_tokens\":{},\"total_tokens\":{},\"input_tokens_details\":{{\"text_tokens\":{},\"image_tokens\":0}}}}",
+                u.input_tokens, u.output_tokens, u.total_tokens, u.input_tokens
+            )
+            .as_bytes(),
+        );
+    }
+    out.push(b'}');
+    out
+}
+
+/// A JSON string's inner text (escaped, without quotes).
+fn push_json_inner(out: &mut Vec<u8>, s: &str) {
+    let quoted = json!(s).to_string();
+    out.extend_from_slice(quoted.trim_matches('"').as_bytes());
+}
+
+/// The error body: OpenAI's four keys plus `category` and `resolution`.
+pub fn error_body(e: &ApiError) -> Vec<u8> {
+    json!({
+        "error": {
+            "message": e.message,
+            "type": e.code.error_type(),
+            "param": e.param,
+            "code": e.code.as_str(),
+            "category": e.code.category(),
+            "resolution": e.code.resolution(),
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::gemini::{read_call, CallResponse};
+    use serde_json::Value;
+
+    fn image(text: Option<&str>) -> GeminiImage {
+        let t = text.map(|t| format!(r#"{{"text":{}}},"#, json!(t))).unwrap_or_default();
+        let body = format!(
+            r#"{{"candidates":[{{"content":{{"parts":[{t}{{"inlineData":{{"mimeType":"image/png","data":"QUJD"}}}}]}}}}]}}"#
+        );
+        read_call(CallResponse {
+            status: Some(200),
+            body: body.into_bytes(),
+            ..Default::default()
+        })
+        .result
+        .unwrap()
+    }
+
+    #[test]
+    fn images_answer_is_openai_json() {
+        let a = image(Some("a \"quoted\" cat"));
+        let b = image(None);
+        let usage = Usage {
+            input_tokens: 3,
+            output_tokens: 5,
+            total_tokens: 8,
+        };
+        let body = images_body(1700000000, &[&a, &b], ResponseFormat::B64Json, Some(usage));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["created"], 1700000000);
+        assert_eq!(v["data"][0]["b64_json"], "QUJD");
+        assert_eq!(v["data"][0]["revised_prompt"], "a \"quoted\" cat");
+        assert!(v["data"][1].get("revised_prompt").is_none());
+        assert_eq!(v["usage"]["input_tokens"], 3);
+        assert_eq!(v["usage"]["output_tokens"], 5);
+        assert_eq!(v["usage"]["total_tokens"], 8);
+        let body = images_body(1, &[&b], ResponseFormat::Url, None);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["data"][0]["url"], "data:image/png;base64,QUJD");
+        assert!(v.get("usage").is_none());
+    }
+
+    #[test]
+    fn error_answer_has_all_six_keys() {
+        let v: Value =
+            serde_json::from_slice(&error_body(&ApiError::param(ErrorCode::InvalidRequest, "n", "bad n"))).unwrap();
+        let e = &v["error"];
+        assert_eq!(e["message"], "bad n");
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["param"], "n");
+        assert_eq!(e["code"], "IMG_INVALID_REQUEST");
+        assert_eq!(e["category"], "USER_ERROR");
+        assert!(e["resolution"].as_str().unwrap().len() > 10);
+        let v: Value = serde_json::from_slice(&error_body(&ApiError::new(ErrorCode::NoImage, "x"))).unwrap();
+        assert!(v["error"]["param"].is_null());
+    }
+}

