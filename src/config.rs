@@ -72,11 +72,7 @@ struct RawSafety {
 
 impl Default for RawSafety {
     fn default() -> Self {
-        RawSafety {
-            default: None,
-            allow_request_override: true,
-            minimum: "OFF".into(),
-        }
+        RawSafety { default: None, allow_request_override: true, minimum: "OFF".into() }
     }
 }
 
@@ -91,12 +87,7 @@ struct RawLimits {
 
 impl Default for RawLimits {
     fn default() -> Self {
-        RawLimits {
-            max_n: 4,
-            max_prompt_chars: 32000,
-            max_body_bytes: 1_048_576,
-            max_image_size: "4K".into(),
-        }
+        RawLimits { max_n: 4, max_prompt_chars: 32000, max_body_bytes: 1_048_576, max_image_size: "4K".into() }
     }
 }
 
@@ -126,11 +117,7 @@ struct RawCache {
 
 impl Default for RawCache {
     fn default() -> Self {
-        RawCache {
-            ttl_seconds: 3600,
-            l1: None,
-            l2: None,
-        }
+        RawCache { ttl_seconds: 3600, l1: None, l2: None }
     }
 }
 
@@ -143,10 +130,7 @@ struct RawL1 {
 
 impl Default for RawL1 {
     fn default() -> Self {
-        RawL1 {
-            max_entries: 64,
-            max_entry_bytes: 16 * 1024 * 1024,
-        }
+        RawL1 { max_entries: 64, max_entry_bytes: 16 * 1024 * 1024 }
     }
 }
 
@@ -259,15 +243,8 @@ impl Settings {
         non_empty("gemini.authority", &g.authority)?;
         non_empty("gemini.model", &g.model)?;
         non_empty("gemini.api_key_env", &g.api_key_env)?;
-        if !g
-            .model
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-        {
-            return Err(format!(
-                "gemini.model {:?} may hold only letters, digits, '-', '.', '_'",
-                g.model
-            ));
+        if !g.model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+            return Err(format!("gemini.model {:?} may hold only letters, digits, '-', '.', '_'", g.model));
         }
         if g.timeout_ms == 0 || g.timeout_ms > 3_600_000 {
             return Err(format!("gemini.timeout_ms is {}; expected 1..=3600000", g.timeout_ms));
@@ -290,11 +267,7 @@ impl Settings {
         }
 
         let s = raw.safety;
-        let config_default = s
-            .default
-            .as_deref()
-            .map(|v| parse_level("safety.default", v))
-            .transpose()?;
+        let config_default = s.default.as_deref().map(|v| parse_level("safety.default", v)).transpose()?;
         let env_default = env(SAFETY_ENV)
             .filter(|v| !v.is_empty())
             .map(|v| parse_level(&format!("environment variable {SAFETY_ENV}"), &v))
@@ -310,10 +283,7 @@ impl Settings {
             return Err("limits.max_prompt_chars must be at least 1".into());
         }
         if l.max_body_bytes < 64 {
-            return Err(format!(
-                "limits.max_body_bytes is {}; expected at least 64",
-                l.max_body_bytes
-            ));
+            return Err(format!("limits.max_body_bytes is {}; expected at least 64", l.max_body_bytes));
         }
         let max_image_size = ImageSize::parse(&l.max_image_size)
             .ok_or_else(|| format!("limits.max_image_size is {:?}; expected 1K, 2K or 4K", l.max_image_size))?;
@@ -328,18 +298,12 @@ impl Settings {
                     None => None,
                     Some(l1) => {
                         if l1.max_entries == 0 || l1.max_entries > 100_000 {
-                            return Err(format!(
-                                "cache.l1.max_entries is {}; expected 1..=100000",
-                                l1.max_entries
-                            ));
+                            return Err(format!("cache.l1.max_entries is {}; expected 1..=100000", l1.max_entries));
                         }
                         if l1.max_entry_bytes == 0 {
                             return Err("cache.l1.max_entry_bytes must be at least 1".into());
                         }
-                        Some(L1Settings {
-                            max_entries: l1.max_entries,
-                            max_entry_bytes: l1.max_entry_bytes,
-                        })
+                        Some(L1Settings { max_entries: l1.max_entries, max_entry_bytes: l1.max_entry_bytes })
                     }
                 };
                 let l2 = match c.l2 {
@@ -359,11 +323,7 @@ impl Settings {
                         })
                     }
                 };
-                Some(CacheSettings {
-                    ttl_seconds: c.ttl_seconds,
-                    l1,
-                    l2,
-                })
+                Some(CacheSettings { ttl_seconds: c.ttl_seconds, l1, l2 })
             }
         };
 
@@ -384,10 +344,7 @@ impl Settings {
                 max_body_bytes: l.max_body_bytes,
                 max_image_size,
             },
-            styles: Styles {
-                vivid: raw.styles.vivid,
-                natural: raw.styles.natural,
-            },
+            styles: Styles { vivid: raw.styles.vivid, natural: raw.styles.natural },
             cache,
             warnings,
         })
@@ -412,12 +369,7 @@ mod tests {
         assert_eq!(s.gemini.timeout_ms, 180_000);
         assert_eq!(
             s.limits,
-            Limits {
-                max_n: 4,
-                max_prompt_chars: 32000,
-                max_body_bytes: 1_048_576,
-                max_image_size: ImageSize::K4
-            }
+            Limits { max_n: 4, max_prompt_chars: 32000, max_body_bytes: 1_048_576, max_image_size: ImageSize::K4 }
         );
         assert_eq!(s.safety.default, SafetyLevel::Off);
         assert!(s.safety.allow_request_override);
@@ -454,13 +406,7 @@ mod tests {
         let s = Settings::from_json(json, &env).unwrap();
         assert_eq!(s.gemini.api_key.as_deref(), Some("k-123"));
         let cache = s.cache.unwrap();
-        assert_eq!(
-            cache.l1,
-            Some(L1Settings {
-                max_entries: 64,
-                max_entry_bytes: 16_777_216
-            })
-        );
+        assert_eq!(cache.l1, Some(L1Settings { max_entries: 64, max_entry_bytes: 16_777_216 }));
         assert_eq!(cache.l2.unwrap().token.as_deref(), Some("tok"));
         assert!(s.warnings.is_empty());
     }
@@ -489,10 +435,7 @@ mod tests {
     fn environment_safety_level_is_validated_and_wins() {
         let env = |k: &str| (k == SAFETY_ENV).then(|| "medium".to_string());
         let s = Settings::from_json(br#"{"safety": {"default": "LOW"}}"#, &env).unwrap();
-        assert_eq!(
-            (s.safety.default, s.safety.default_source),
-            (SafetyLevel::Medium, SafetySource::Environment)
-        );
+        assert_eq!((s.safety.default, s.safety.default_source), (SafetyLevel::Medium, SafetySource::Environment));
         let bad = |k: &str| (k == SAFETY_ENV).then(|| "EXTREME".to_string());
         let e = Settings::from_json(b"{}", &bad).unwrap_err();
         assert!(e.contains(SAFETY_ENV) && e.contains("EXTREME"), "{e}");

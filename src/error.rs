@@ -161,20 +161,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-            timeout: false,
-        }
+        ApiError { code, message: message.into(), param: None, retry_after: None, timeout: false }
     }
 
     pub fn param(code: ErrorCode, param: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            param: Some(param),
-            ..ApiError::new(code, message)
-        }
+        ApiError { param: Some(param), ..ApiError::new(code, message) }
     }
 
     pub fn status(&self) -> u32 {
@@ -208,10 +199,7 @@ mod tests {
         ];
         assert_eq!(rows.len(), ErrorCode::ALL.len());
         for (code, (name, status, ty, cat)) in ErrorCode::ALL.into_iter().zip(rows) {
-            assert_eq!(
-                (code.as_str(), code.status(), code.error_type(), code.category()),
-                (name, status, ty, cat)
-            );
+            assert_eq!((code.as_str(), code.status(), code.error_type(), code.category()), (name, status, ty, cat));
         }
     }
 

@@ -8,6 +8,7 @@ use crate::access_log::{LogLevel, LogRecord};
 use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::gemini::{self, CallOutcome, CallResponse, GeminiImage, Usage};
+use crate::metrics::{Counter, Histogram, Outcome};
 use crate::openai;
 use crate::request::{self, ImageRequest};
 use crate::safety::SafetyLevel;
@@ -59,6 +60,10 @@ pub enum Effect {
     },
     Reply(Reply),
     Log(LogLine),
+    /// Add to a counter.
+    Count(Counter, u64),
+    /// Record a histogram value.
+    Observe(Histogram, u64),
 }
 
 pub struct Exchange {
@@ -114,10 +119,7 @@ impl Exchange {
     fn too_large(&mut self, now_ms: u64) -> Vec<Effect> {
         let e = ApiError::new(
             ErrorCode::PayloadTooLarge,
-            format!(
-                "request body is over this gateway's limit of {} bytes",
-                self.settings.limits.max_body_bytes
-            ),
+            format!("request body is over this gateway's limit of {} bytes", self.settings.limits.max_body_bytes),
         );
         self.fail(e, None, now_ms)
     }
@@ -134,10 +136,7 @@ impl Exchange {
             let got = self.head.content_type.as_deref().unwrap_or("none");
             let e = ApiError::new(
                 ErrorCode::InvalidRequest,
-                format!(
-                    "content-type must be application/json, got {:?}",
-                    got.chars().take(64).collect::<String>()
-                ),
+                format!("content-type must be application/json, got {:?}", got.chars().take(64).collect::<String>()),
             );
             return self.fail(e, None, now_ms);
         }
@@ -159,10 +158,7 @@ impl Exchange {
             (":path".to_string(), gemini::generate_content_path(&g.model)),
             (":authority".to_string(), g.authority.clone()),
             ("content-type".to_string(), "application/json".to_string()),
-            (
-                "x-goog-api-client".to_string(),
-                concat!("gemini-image-filter/", env!("CARGO_PKG_VERSION")).to_string(),
-            ),
+            ("x-goog-api-client".to_string(), concat!("gemini-image-filter/", env!("CARGO_PKG_VERSION")).to_string()),
         ];
         if let Some(key) = &g.api_key {
             headers.push(("x-goog-api-key".to_string(), key.clone()));
@@ -182,19 +178,8 @@ impl Exchange {
 
     /// Call `index` could not even be dispatched (unknown cluster, host refused).
     pub fn on_call_not_dispatched(&mut self, index: u32, why: &str, now_ms: u64) -> Vec<Effect> {
-        let e = ApiError::new(
-            ErrorCode::InternalError,
-            format!("the gateway could not call Gemini: {why}"),
-        );
-        self.record(
-            index,
-            CallOutcome {
-                upstream_status: 0,
-                result: Err(e),
-                usage: None,
-            },
-            now_ms,
-        )
+        let e = ApiError::new(ErrorCode::InternalError, format!("the gateway could not call Gemini: {why}"));
+        self.record(index, CallOutcome { upstream_status: 0, result: Err(e), usage: None }, now_ms)
     }
 
     /// Call `index` answered (or failed).
@@ -202,7 +187,10 @@ impl Exchange {
         if self.done {
             return Vec::new();
         }
-        self.record(index, gemini::read_call(response), now_ms)
+        let elapsed = response.elapsed_ms;
+        let mut effects = self.record(index, gemini::read_call(response), now_ms);
+        effects.push(Effect::Observe(Histogram::UpstreamLatencyMs, elapsed));
+        effects
     }
 
     fn record(&mut self, index: u32, outcome: CallOutcome, now_ms: u64) -> Vec<Effect> {
@@ -238,11 +226,7 @@ impl Exchange {
             return self.fail(e, status, now_ms);
         }
         let Some(req) = &self.request else {
-            return self.fail(
-                ApiError::new(ErrorCode::InternalError, "request state lost"),
-                None,
-                now_ms,
-            );
+            return self.fail(ApiError::new(ErrorCode::InternalError, "request state lost"), None, now_ms);
         };
         let body = openai::images_body(now_ms / 1000, &images, req.response_format, usage);
         let mut headers = self.common_headers();
@@ -255,17 +239,28 @@ impl Exchange {
         record.upstream_status = Some(200);
         record.usage = usage;
         self.done = true;
-        vec![
-            Effect::Reply(Reply {
-                status: 200,
-                headers,
-                body,
-            }),
-            Effect::Log(LogLine {
-                level: LogLevel::Info,
-                json: record.to_json(),
-            }),
-        ]
+        let outcome = if failed > 0 { Outcome::Partial } else { Outcome::Success };
+        let mut effects = vec![
+            Effect::Reply(Reply { status: 200, headers, body }),
+            Effect::Log(LogLine { level: LogLevel::Info, json: record.to_json() }),
+            Effect::Count(Counter::Images, images.len() as u64),
+        ];
+        effects.extend(self.outcome_metrics(outcome, now_ms));
+        effects
+    }
+
+    /// The counters and histogram every finished request updates.
+    fn outcome_metrics(&self, outcome: Outcome, now_ms: u64) -> Vec<Effect> {
+        let mut effects = vec![
+            Effect::Count(Counter::Requests(outcome), 1),
+            Effect::Observe(Histogram::RequestLatencyMs, now_ms.saturating_sub(self.started_ms)),
+        ];
+        if let Some(req) = &self.request {
+            effects.push(Effect::Count(Counter::ModelRequests(req.variant.name()), 1));
+            effects.push(Effect::Count(Counter::SafetyApplied(req.safety), 1));
+            effects.push(Effect::Count(Counter::UpstreamCalls, u64::from(req.n)));
+        }
+        effects
     }
 
     /// The client went away before the answer: one log line, no reply.
@@ -276,10 +271,9 @@ impl Exchange {
         self.done = true;
         let mut record = self.log_record(499, now_ms);
         record.outcome = "client_closed";
-        vec![Effect::Log(LogLine {
-            level: LogLevel::Warn,
-            json: record.to_json(),
-        })]
+        let mut effects = vec![Effect::Log(LogLine { level: LogLevel::Warn, json: record.to_json() })];
+        effects.extend(self.outcome_metrics(Outcome::ClientClosed, now_ms));
+        effects
     }
 
     fn fail(&mut self, e: ApiError, upstream_status: Option<u32>, now_ms: u64) -> Vec<Effect> {
@@ -301,30 +295,21 @@ impl Exchange {
         record.error = Some(e.code);
         let failed = self.calls.len().max(self.request.as_ref().map_or(0, |r| r.n as usize));
         record.failed_calls = if upstream_status.is_some() { failed as u32 } else { 0 };
-        let level = if e.code.category() == "USER_ERROR" {
-            LogLevel::Warn
-        } else {
-            LogLevel::Error
-        };
-        vec![
-            Effect::Reply(Reply {
-                status,
-                headers,
-                body: openai::error_body(&e),
-            }),
-            Effect::Log(LogLine {
-                level,
-                json: record.to_json(),
-            }),
-        ]
+        let level = if e.code.category() == "USER_ERROR" { LogLevel::Warn } else { LogLevel::Error };
+        let mut effects = vec![
+            Effect::Reply(Reply { status, headers, body: openai::error_body(&e) }),
+            Effect::Log(LogLine { level, json: record.to_json() }),
+            Effect::Count(Counter::Errors(e.code), 1),
+        ];
+        if let (ErrorCode::SafetyBlocked, Some(level)) = (e.code, self.safety) {
+            effects.push(Effect::Count(Counter::SafetyBlocks(level), 1));
+        }
+        effects.extend(self.outcome_metrics(Outcome::Error, now_ms));
+        effects
     }
 
     fn cache_state(&self) -> &'static str {
-        let no_store = self
-            .head
-            .cache_control
-            .as_deref()
-            .is_some_and(|c| has_directive(c, "no-store"));
+        let no_store = self.head.cache_control.as_deref().is_some_and(|c| has_directive(c, "no-store"));
         if self.settings.cache.is_some() && no_store {
             "bypass"
         } else {
@@ -382,9 +367,7 @@ fn is_json(content_type: Option<&str>) -> bool {
 
 /// Whether a `cache-control` header holds a directive (case-insensitive, comma-separated).
 pub fn has_directive(cache_control: &str, directive: &str) -> bool {
-    cache_control
-        .split(',')
-        .any(|d| d.split('=').next().unwrap_or("").trim().eq_ignore_ascii_case(directive))
+    cache_control.split(',').any(|d| d.split('=').next().unwrap_or("").trim().eq_ignore_ascii_case(directive))
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::config::Settings;
+use crate::metrics::{Counter, Histogram, Outcome};
+use crate::safety::SafetyLevel;
 
 fn settings(json: &str) -> Rc<Settings> {
     let env = |k: &str| (k == "GEMINI_API_KEY").then(|| "test-key".to_string());
@@ -69,6 +71,16 @@ fn log_of(effects: &[Effect]) -> (LogLevel, Value) {
     (logs[0].level, serde_json::from_str(&logs[0].json).unwrap())
 }
 
+fn counts(effects: &[Effect]) -> Vec<(Counter, u64)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Count(c, n) => Some((c.clone(), *n)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn json_of(r: &Reply) -> Value {
     serde_json::from_slice(&r.body).unwrap()
 }
@@ -95,19 +107,13 @@ fn a_request_becomes_n_identical_gemini_calls() {
     assert_eq!(call.cluster, "gemini");
     assert_eq!(call.timeout_ms, 180_000);
     let h = |k: &str| call.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    assert_eq!(
-        h(":path"),
-        Some("/v1beta/models/gemini-3-pro-image-preview:generateContent")
-    );
+    assert_eq!(h(":path"), Some("/v1beta/models/gemini-3-pro-image-preview:generateContent"));
     assert_eq!(h(":authority"), Some("generativelanguage.googleapis.com"));
     assert_eq!(h(":method"), Some("POST"));
     assert_eq!(h("x-goog-api-key"), Some("test-key"));
     assert_eq!(h("authorization"), None);
     let body: Value = serde_json::from_slice(&call.body).unwrap();
-    assert_eq!(
-        body["generationConfig"]["imageConfig"],
-        json!({"aspectRatio": "16:9", "imageSize": "4K"})
-    );
+    assert_eq!(body["generationConfig"]["imageConfig"], json!({"aspectRatio": "16:9", "imageSize": "4K"}));
     assert_eq!(body["safetySettings"][0]["threshold"], "BLOCK_ONLY_HIGH");
 }
 
@@ -115,16 +121,14 @@ fn a_request_becomes_n_identical_gemini_calls() {
 fn all_calls_succeeding_gives_an_openai_answer_and_one_log_line() {
     let s = settings("{}");
     let (mut ex, _, _) = start(&s, json!({"prompt": "a red fox", "n": 2}));
-    assert!(ex.on_call_response(1, ok_response("QkJC"), 3_000).is_empty());
+    let first = ex.on_call_response(1, ok_response("QkJC"), 3_000);
+    assert_eq!(first, vec![Effect::Observe(Histogram::UpstreamLatencyMs, 5)], "no reply before every call answered");
     let effects = ex.on_call_response(0, ok_response("QUFB"), 4_500);
     let r = reply(&effects);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-image-cache"), Some("miss"));
     assert_eq!(r.header("x-image-safety"), Some("OFF"));
-    assert_eq!(
-        r.header("x-image-prompt-hash"),
-        Some(&crate::hash::prompt_hash("a red fox")[..])
-    );
+    assert_eq!(r.header("x-image-prompt-hash"), Some(&crate::hash::prompt_hash("a red fox")[..]));
     assert_eq!(r.header("x-images-failed"), None);
     let v = json_of(r);
     assert_eq!(v["created"], 4);
@@ -138,11 +142,15 @@ fn all_calls_succeeding_gives_an_openai_answer_and_one_log_line() {
     assert_eq!(log["request_id"], "req-1");
     assert_eq!(log["images"], 2);
     assert!(!log.to_string().contains("red fox"));
+    let counted = counts(&effects);
+    assert!(counted.contains(&(Counter::Requests(Outcome::Success), 1)));
+    assert!(counted.contains(&(Counter::Images, 2)));
+    assert!(counted.contains(&(Counter::UpstreamCalls, 2)));
+    assert!(counted.contains(&(Counter::ModelRequests("gemini-3-pro-image".into()), 1)));
+    assert!(counted.contains(&(Counter::SafetyApplied(SafetyLevel::Off), 1)));
+    assert!(effects.contains(&Effect::Observe(Histogram::RequestLatencyMs, 3_500)));
     assert!(ex.is_done());
-    assert!(
-        ex.on_call_response(0, ok_response("QUFB"), 5_000).is_empty(),
-        "nothing after the reply"
-    );
+    assert!(ex.on_call_response(0, ok_response("QUFB"), 5_000).is_empty(), "nothing after the reply");
 }
 
 #[test]
@@ -151,18 +159,29 @@ fn partial_success_answers_200_with_a_failure_count() {
     let (mut ex, _, _) = start(&s, json!({"prompt": "p", "n": 3}));
     ex.on_call_response(0, error_response(500, "INTERNAL"), 2_000);
     ex.on_call_response(1, ok_response("QUFB"), 2_000);
-    let effects = ex.on_call_response(
-        2,
-        CallResponse {
-            status: None,
-            ..Default::default()
-        },
-        2_000,
-    );
+    let effects = ex.on_call_response(2, CallResponse { status: None, ..Default::default() }, 2_000);
     let r = reply(&effects);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-images-failed"), Some("2"));
     assert_eq!(json_of(r)["data"].as_array().unwrap().len(), 1);
+    assert!(counts(&effects).contains(&(Counter::Requests(Outcome::Partial), 1)));
+}
+
+#[test]
+fn safety_blocks_are_counted_under_the_level_in_force() {
+    let s = settings(r#"{"safety": {"default": "HIGH"}}"#);
+    let (mut ex, _, _) = start(&s, json!({"prompt": "p"}));
+    let blocked = CallResponse {
+        status: Some(200),
+        body: br#"{"promptFeedback":{"blockReason":"SAFETY"}}"#.to_vec(),
+        ..Default::default()
+    };
+    let effects = ex.on_call_response(0, blocked, 2);
+    assert_eq!(reply(&effects).status, 400);
+    let counted = counts(&effects);
+    assert!(counted.contains(&(Counter::Errors(ErrorCode::SafetyBlocked), 1)));
+    assert!(counted.contains(&(Counter::SafetyBlocks(SafetyLevel::High), 1)));
+    assert!(counted.contains(&(Counter::Requests(Outcome::Error), 1)));
 }
 
 #[test]
@@ -170,14 +189,7 @@ fn all_failing_picks_the_most_telling_error() {
     let s = settings("{}");
     let (mut ex, _, _) = start(&s, json!({"prompt": "p", "n": 3}));
     ex.on_call_response(0, error_response(500, "INTERNAL"), 2_000);
-    ex.on_call_response(
-        1,
-        CallResponse {
-            status: None,
-            ..Default::default()
-        },
-        2_000,
-    );
+    ex.on_call_response(1, CallResponse { status: None, ..Default::default() }, 2_000);
     let mut q = error_response(429, "RESOURCE_EXHAUSTED");
     q.body = br#"{"error":{"code":429,"message":"m","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"7s"}]}}"#.to_vec();
     let effects = ex.on_call_response(2, q, 2_000);
@@ -201,60 +213,36 @@ fn bad_requests_answer_400_without_calling_gemini() {
     let r = reply(&effects);
     assert_eq!(r.status, 400);
     assert_eq!(r.header("x-should-retry"), Some("false"));
-    assert_eq!(
-        r.header("x-image-prompt-hash"),
-        Some(&crate::hash::prompt_hash("a cat")[..])
-    );
+    assert_eq!(r.header("x-image-prompt-hash"), Some(&crate::hash::prompt_hash("a cat")[..]));
     assert_eq!(json_of(r)["error"]["param"], "n");
     let (level, log) = log_of(&effects);
     assert_eq!(level, LogLevel::Warn);
     assert_eq!(log["code"], "IMG_INVALID_REQUEST");
     assert_eq!(log["upstream_status"], Value::Null);
+    let counted = counts(&effects);
+    assert!(counted.contains(&(Counter::Errors(ErrorCode::InvalidRequest), 1)));
+    assert!(!counted.iter().any(|(c, _)| matches!(c, Counter::UpstreamCalls)), "no call was made");
 }
 
 #[test]
 fn wrong_content_type_is_refused() {
     for ct in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
-        let mut ex = Exchange::new(
-            settings("{}"),
-            RequestHead {
-                content_type: ct.map(String::from),
-                ..head()
-            },
-            0,
-        );
+        let mut ex = Exchange::new(settings("{}"), RequestHead { content_type: ct.map(String::from), ..head() }, 0);
         let r = reply(&ex.on_body(br#"{"prompt":"p"}"#, 1)).clone();
-        assert_eq!(
-            (r.status, json_of(&r)["error"]["code"].as_str()),
-            (400, Some("IMG_INVALID_REQUEST")),
-            "{ct:?}"
-        );
+        assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (400, Some("IMG_INVALID_REQUEST")), "{ct:?}");
     }
     let mut ex = Exchange::new(
         settings("{}"),
-        RequestHead {
-            content_type: Some("Application/JSON; charset=utf-8".into()),
-            ..head()
-        },
+        RequestHead { content_type: Some("Application/JSON; charset=utf-8".into()), ..head() },
         0,
     );
-    assert!(matches!(
-        ex.on_body(br#"{"prompt":"p"}"#, 1)[0],
-        Effect::CallGemini { .. }
-    ));
+    assert!(matches!(ex.on_body(br#"{"prompt":"p"}"#, 1)[0], Effect::CallGemini { .. }));
 }
 
 #[test]
 fn bodies_over_the_limit_answer_413() {
     let s = settings(r#"{"limits": {"max_body_bytes": 100}}"#);
-    let mut ex = Exchange::new(
-        s.clone(),
-        RequestHead {
-            content_length: Some(101),
-            ..head()
-        },
-        0,
-    );
+    let mut ex = Exchange::new(s.clone(), RequestHead { content_length: Some(101), ..head() }, 0);
     let effects = ex.on_headers(0);
     let r = reply(&effects);
     assert_eq!((r.status, r.header("x-should-retry")), (413, Some("false")));
@@ -272,12 +260,7 @@ fn timeouts_answer_504_and_refusals_502() {
     let (mut ex, _, _) = start(&s, json!({"prompt": "p"}));
     let effects = ex.on_call_response(
         0,
-        CallResponse {
-            status: None,
-            elapsed_ms: 1000,
-            timeout_ms: 1000,
-            ..Default::default()
-        },
+        CallResponse { status: None, elapsed_ms: 1000, timeout_ms: 1000, ..Default::default() },
         2_001,
     );
     assert_eq!(reply(&effects).status, 504);
@@ -312,6 +295,7 @@ fn a_client_that_leaves_gets_a_log_line_and_no_reply() {
     let (_, log) = log_of(&effects);
     assert_eq!(log["outcome"], "client_closed");
     assert!(ex.on_call_response(0, ok_response("QUFB"), 60).is_empty());
+    assert!(counts(&effects).contains(&(Counter::Requests(Outcome::ClientClosed), 1)));
 }
 
 #[test]
@@ -324,10 +308,7 @@ fn url_format_answers_data_uris() {
 
 #[test]
 fn cache_header_says_bypass_only_when_a_cache_exists() {
-    let no_store = RequestHead {
-        cache_control: Some("no-store".into()),
-        ..head()
-    };
+    let no_store = RequestHead { cache_control: Some("no-store".into()), ..head() };
     let mut ex = Exchange::new(settings("{}"), no_store.clone(), 0);
     assert_eq!(reply(&ex.on_body(b"{}", 1)).header("x-image-cache"), Some("miss"));
     let mut ex = Exchange::new(settings(r#"{"cache": {"l1": {}}}"#), no_store, 0);

@@ -22,10 +22,8 @@ pub fn request_body(prompt: &str, ratio: AspectRatio, image_size: Option<ImageSi
     if let Some(s) = image_size {
         image_config.insert("imageSize".into(), json!(s.as_str()));
     }
-    let safety_settings: Vec<_> = HARM_CATEGORIES
-        .iter()
-        .map(|c| json!({"category": c, "threshold": safety.gemini_threshold()}))
-        .collect();
+    let safety_settings: Vec<_> =
+        HARM_CATEGORIES.iter().map(|c| json!({"category": c, "threshold": safety.gemini_threshold()})).collect();
     let body = json!({
         "contents": [{"role": "user", "parts": [{"text": prompt}]}],
         "generationConfig": {
@@ -186,10 +184,8 @@ struct WireError {
 
 /// Finish reasons that mean the content was blocked when no image came back.
 fn is_block_finish(reason: &str) -> bool {
-    matches!(
-        reason,
-        "SAFETY" | "PROHIBITED_CONTENT" | "BLOCKLIST" | "SPII" | "RECITATION"
-    ) || reason.starts_with("IMAGE_")
+    matches!(reason, "SAFETY" | "PROHIBITED_CONTENT" | "BLOCKLIST" | "SPII" | "RECITATION")
+        || reason.starts_with("IMAGE_")
 }
 
 fn is_base64(b: &[u8]) -> bool {
@@ -197,8 +193,7 @@ fn is_base64(b: &[u8]) -> bool {
         return false;
     }
     let body = b.strip_suffix(b"==").or_else(|| b.strip_suffix(b"=")).unwrap_or(b);
-    body.iter()
-        .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+    body.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 /// Gemini messages quoted to the client are cut to this many characters.
@@ -227,19 +222,11 @@ pub fn read_call(resp: CallResponse) -> CallOutcome {
             },
         );
         e.timeout = timeout;
-        return CallOutcome {
-            upstream_status: 0,
-            result: Err(e),
-            usage: None,
-        };
+        return CallOutcome { upstream_status: 0, result: Err(e), usage: None };
     };
     if status == 200 {
         let (result, usage) = read_success(resp.body);
-        return CallOutcome {
-            upstream_status: status,
-            result,
-            usage,
-        };
+        return CallOutcome { upstream_status: status, result, usage };
     }
     CallOutcome {
         upstream_status: status,
@@ -249,12 +236,8 @@ pub fn read_call(resp: CallResponse) -> CallOutcome {
 }
 
 fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>) {
-    let unreadable = |why: &str| {
-        ApiError::new(
-            ErrorCode::UpstreamError,
-            format!("Gemini's answer could not be read: {why}"),
-        )
-    };
+    let unreadable =
+        |why: &str| ApiError::new(ErrorCode::UpstreamError, format!("Gemini's answer could not be read: {why}"));
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return (Err(unreadable("not a JSON object")), None);
     }
@@ -274,19 +257,13 @@ fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>)
             let e = ApiError::param(
                 ErrorCode::SafetyBlocked,
                 "prompt",
-                format!(
-                    "the prompt was blocked by Gemini's safety system (blockReason {})",
-                    cut(&reason)
-                ),
+                format!("the prompt was blocked by Gemini's safety system (blockReason {})", cut(&reason)),
             );
             return (Err(e), usage);
         }
         let Some(candidate) = wire.candidates.into_iter().next() else {
             return (
-                Err(ApiError::new(
-                    ErrorCode::NoImage,
-                    "Gemini answered with no candidate and no block reason",
-                )),
+                Err(ApiError::new(ErrorCode::NoImage, "Gemini answered with no candidate and no block reason")),
                 usage,
             );
         };
@@ -311,10 +288,7 @@ fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>)
             Some((mime, data)) => {
                 if !is_base64(data.as_bytes()) {
                     return (
-                        Err(ApiError::new(
-                            ErrorCode::UpstreamError,
-                            "Gemini's image data is not valid base64",
-                        )),
+                        Err(ApiError::new(ErrorCode::UpstreamError, "Gemini's image data is not valid base64")),
                         usage,
                     );
                 }
@@ -334,17 +308,11 @@ fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>)
                     ApiError::param(
                         ErrorCode::SafetyBlocked,
                         "prompt",
-                        format!(
-                            "Gemini did not return an image: blocked by safety (finishReason {})",
-                            cut(&reason)
-                        ),
+                        format!("Gemini did not return an image: blocked by safety (finishReason {})", cut(&reason)),
                     )
                 } else {
-                    let why = if reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (finishReason {})", cut(&reason))
-                    };
+                    let why =
+                        if reason.is_empty() { String::new() } else { format!(" (finishReason {})", cut(&reason)) };
                     ApiError::new(ErrorCode::NoImage, format!("Gemini answered without an image{why}"))
                 };
                 return (Err(e), usage);
@@ -353,24 +321,14 @@ fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>)
     };
     let (data, mime, text, usage) = found;
     let mime_type = mime.unwrap_or_else(|| "image/png".to_string());
-    (
-        Ok(GeminiImage {
-            body,
-            data,
-            mime_type,
-            text,
-        }),
-        usage,
-    )
+    (Ok(GeminiImage { body, data, mime_type, text }), usage)
 }
 
 /// Seconds from a google.rpc.RetryInfo `retryDelay` such as `"30s"` or `"1.5s"`, rounded up.
 fn retry_delay_seconds(details: &[serde_json::Value]) -> Option<u64> {
     for d in details {
-        let is_retry_info = d
-            .get("@type")
-            .and_then(|t| t.as_str())
-            .is_some_and(|t| t.ends_with("google.rpc.RetryInfo"));
+        let is_retry_info =
+            d.get("@type").and_then(|t| t.as_str()).is_some_and(|t| t.ends_with("google.rpc.RetryInfo"));
         if !is_retry_info {
             continue;
         }
@@ -378,10 +336,7 @@ fn retry_delay_seconds(details: &[serde_json::Value]) -> Option<u64> {
         let secs = match delay {
             serde_json::Value::String(s) => s.strip_suffix('s')?.trim().parse::<f64>().ok()?,
             serde_json::Value::Object(o) => {
-                let s = o
-                    .get("seconds")
-                    .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
-                    .unwrap_or(0.0);
+                let s = o.get("seconds").and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok())).unwrap_or(0.0);
                 let n = o.get("nanos").and_then(|v| v.as_f64()).unwrap_or(0.0);
                 s + n / 1e9
             }
@@ -398,11 +353,7 @@ fn retry_delay_seconds(details: &[serde_json::Value]) -> Option<u64> {
 fn error_info_reason(details: &[serde_json::Value]) -> Option<&str> {
     details
         .iter()
-        .filter(|d| {
-            d.get("@type")
-                .and_then(|t| t.as_str())
-                .is_some_and(|t| t.ends_with("google.rpc.ErrorInfo"))
-        })
+        .filter(|d| d.get("@type").and_then(|t| t.as_str()).is_some_and(|t| t.ends_with("google.rpc.ErrorInfo")))
         .find_map(|d| d.get("reason").and_then(|r| r.as_str()))
 }
 
@@ -448,10 +399,7 @@ fn read_failure(status: u32, content_type: Option<&str>, body: &[u8]) -> ApiErro
         return e;
     }
     if status == 503 || error.status == "UNAVAILABLE" {
-        return ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            "Gemini is temporarily unavailable; retry later",
-        );
+        return ApiError::new(ErrorCode::ServiceUnavailable, "Gemini is temporarily unavailable; retry later");
     }
     if status == 400 && error.status == "INVALID_ARGUMENT" {
         return ApiError::param(
@@ -460,19 +408,12 @@ fn read_failure(status: u32, content_type: Option<&str>, body: &[u8]) -> ApiErro
             format!("Gemini refused the request: {}", cut(&error.message)),
         );
     }
-    let named = if error.status.is_empty() {
-        String::new()
-    } else {
-        format!(" {}", cut(&error.status))
-    };
+    let named = if error.status.is_empty() { String::new() } else { format!(" {}", cut(&error.status)) };
     ApiError::new(ErrorCode::UpstreamError, format!("Gemini answered {status}{named}"))
 }
 
 fn auth_error() -> ApiError {
-    ApiError::new(
-        ErrorCode::UpstreamAuth,
-        "the gateway's Gemini credentials were rejected",
-    )
+    ApiError::new(ErrorCode::UpstreamAuth, "the gateway's Gemini credentials were rejected")
 }
 
 #[cfg(test)]
@@ -508,22 +449,11 @@ mod tests {
         assert_eq!(v["contents"][0]["parts"][0]["text"], "a cat");
         assert_eq!(v["generationConfig"]["candidateCount"], 1);
         assert_eq!(v["generationConfig"]["responseModalities"], json!(["TEXT", "IMAGE"]));
-        assert_eq!(
-            v["generationConfig"]["imageConfig"],
-            json!({"aspectRatio": "16:9", "imageSize": "2K"})
-        );
-        let cats: Vec<_> = v["safetySettings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["category"].as_str().unwrap())
-            .collect();
+        assert_eq!(v["generationConfig"]["imageConfig"], json!({"aspectRatio": "16:9", "imageSize": "2K"}));
+        let cats: Vec<_> =
+            v["safetySettings"].as_array().unwrap().iter().map(|s| s["category"].as_str().unwrap()).collect();
         assert_eq!(cats, HARM_CATEGORIES);
-        assert!(v["safetySettings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["threshold"] == "BLOCK_MEDIUM_AND_ABOVE"));
+        assert!(v["safetySettings"].as_array().unwrap().iter().all(|s| s["threshold"] == "BLOCK_MEDIUM_AND_ABOVE"));
         let b = request_body("x", AspectRatio::R1x1, None, SafetyLevel::Off);
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["generationConfig"]["imageConfig"], json!({"aspectRatio": "1:1"}));
@@ -545,14 +475,7 @@ mod tests {
         assert_eq!(img.base64(), b"iVBORw0KGgo=");
         assert!(matches!(img.data, Base64::InBody(..)));
         assert_eq!(img.text.as_deref(), Some("Here is a cat"));
-        assert_eq!(
-            out.usage,
-            Some(Usage {
-                input_tokens: 10,
-                output_tokens: 1390,
-                total_tokens: 1400
-            })
-        );
+        assert_eq!(out.usage, Some(Usage { input_tokens: 10, output_tokens: 1390, total_tokens: 1400 }));
     }
 
     #[test]
@@ -571,13 +494,7 @@ mod tests {
         );
         assert_eq!(blocked.result.unwrap_err().code, ErrorCode::SafetyBlocked);
         assert_eq!(blocked.usage.unwrap().input_tokens, 5);
-        for reason in [
-            "SAFETY",
-            "PROHIBITED_CONTENT",
-            "IMAGE_SAFETY",
-            "IMAGE_PROHIBITED_CONTENT",
-            "IMAGE_OTHER",
-        ] {
+        for reason in ["SAFETY", "PROHIBITED_CONTENT", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_OTHER"] {
             let body =
                 format!(r#"{{"candidates":[{{"content":{{"parts":[{{"text":"no"}}]}},"finishReason":"{reason}"}}]}}"#);
             assert_eq!(ok(&body).result.unwrap_err().code, ErrorCode::SafetyBlocked, "{reason}");
@@ -621,35 +538,18 @@ mod tests {
             "details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"31.2s"}]}}"#,
         );
         assert_eq!((quota.code, quota.retry_after), (ErrorCode::QuotaExhausted, Some(32)));
-        let quota = failed(
-            429,
-            j,
-            r#"{"error":{"code":429,"message":"x","status":"RESOURCE_EXHAUSTED"}}"#,
-        );
+        let quota = failed(429, j, r#"{"error":{"code":429,"message":"x","status":"RESOURCE_EXHAUSTED"}}"#);
         assert_eq!((quota.code, quota.retry_after), (ErrorCode::QuotaExhausted, None));
         assert_eq!(
-            failed(
-                503,
-                j,
-                r#"{"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE"}}"#
-            )
-            .code,
+            failed(503, j, r#"{"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE"}}"#).code,
             ErrorCode::ServiceUnavailable
         );
         assert_eq!(
-            failed(
-                401,
-                j,
-                r#"{"error":{"code":401,"message":"secret detail","status":"UNAUTHENTICATED"}}"#
-            )
-            .code,
+            failed(401, j, r#"{"error":{"code":401,"message":"secret detail","status":"UNAUTHENTICATED"}}"#).code,
             ErrorCode::UpstreamAuth
         );
-        let auth = failed(
-            403,
-            j,
-            r#"{"error":{"code":403,"message":"key AIzaXYZ leaked","status":"PERMISSION_DENIED"}}"#,
-        );
+        let auth =
+            failed(403, j, r#"{"error":{"code":403,"message":"key AIzaXYZ leaked","status":"PERMISSION_DENIED"}}"#);
         assert_eq!(auth.code, ErrorCode::UpstreamAuth);
         assert!(!auth.message.contains("AIza"));
         let bad_key = failed(
@@ -659,11 +559,7 @@ mod tests {
             "details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#,
         );
         assert_eq!(bad_key.code, ErrorCode::UpstreamAuth);
-        let prompt = failed(
-            400,
-            j,
-            r#"{"error":{"code":400,"message":"prompt is bad","status":"INVALID_ARGUMENT"}}"#,
-        );
+        let prompt = failed(400, j, r#"{"error":{"code":400,"message":"prompt is bad","status":"INVALID_ARGUMENT"}}"#);
         assert_eq!((prompt.code, prompt.param), (ErrorCode::InvalidPrompt, Some("prompt")));
         assert_eq!(
             failed(500, j, r#"{"error":{"code":500,"message":"x","status":"INTERNAL"}}"#).code,
@@ -686,19 +582,10 @@ mod tests {
         assert_eq!((refused.code, refused.status()), (ErrorCode::NetworkError, 502));
         let timeout = failed(504, "text/plain", "upstream request timeout");
         assert_eq!((timeout.code, timeout.status()), (ErrorCode::NetworkError, 504));
-        let none = read_call(CallResponse {
-            status: None,
-            elapsed_ms: 3,
-            timeout_ms: 1000,
-            ..Default::default()
-        });
+        let none = read_call(CallResponse { status: None, elapsed_ms: 3, timeout_ms: 1000, ..Default::default() });
         assert_eq!(none.result.unwrap_err().status(), 502);
-        let timed_out = read_call(CallResponse {
-            status: None,
-            elapsed_ms: 1000,
-            timeout_ms: 1000,
-            ..Default::default()
-        });
+        let timed_out =
+            read_call(CallResponse { status: None, elapsed_ms: 1000, timeout_ms: 1000, ..Default::default() });
         assert_eq!(timed_out.result.unwrap_err().status(), 504);
     }
 }

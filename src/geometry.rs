@@ -255,19 +255,10 @@ mod tests {
 
     #[test]
     fn quality_maps_to_image_size() {
-        assert_eq!(
-            Quality::parse("standard").and_then(Quality::image_size),
-            Some(ImageSize::K1)
-        );
+        assert_eq!(Quality::parse("standard").and_then(Quality::image_size), Some(ImageSize::K1));
         assert_eq!(Quality::parse("low").and_then(Quality::image_size), Some(ImageSize::K1));
-        assert_eq!(
-            Quality::parse("medium").and_then(Quality::image_size),
-            Some(ImageSize::K2)
-        );
-        assert_eq!(
-            Quality::parse("high").and_then(Quality::image_size),
-            Some(ImageSize::K4)
-        );
+        assert_eq!(Quality::parse("medium").and_then(Quality::image_size), Some(ImageSize::K2));
+        assert_eq!(Quality::parse("high").and_then(Quality::image_size), Some(ImageSize::K4));
         assert_eq!(Quality::parse("hd").and_then(Quality::image_size), Some(ImageSize::K4));
         assert_eq!(Quality::parse("auto").and_then(Quality::image_size), None);
         assert_eq!(Quality::parse("HD"), None);

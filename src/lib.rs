@@ -12,6 +12,7 @@ pub mod exchange;
 pub mod gemini;
 pub mod geometry;
 pub mod hash;
+pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod request;

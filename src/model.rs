@@ -15,10 +15,7 @@ impl ModelVariant {
     /// Parses `gemini-3-pro-image[-2k|-4k][-1x1|-4x3|-3x4|-16x9|-9x16|-21x9]`.
     pub fn parse(name: &str) -> Option<ModelVariant> {
         let rest = name.strip_prefix(BASE_MODEL)?;
-        let mut variant = ModelVariant {
-            image_size: None,
-            ratio: None,
-        };
+        let mut variant = ModelVariant { image_size: None, ratio: None };
         let mut parts = rest.split('-');
         if parts.next() != Some("") {
             return None; // something glued onto the base name
@@ -63,15 +60,7 @@ impl ModelVariant {
     /// Every name the contract lists: the 21 variants (3 resolutions x 7 ratio choices, the base name among them).
     pub fn all_names() -> Vec<String> {
         let sizes = [None, Some("2k"), Some("4k")];
-        let ratios = [
-            None,
-            Some("1x1"),
-            Some("4x3"),
-            Some("3x4"),
-            Some("16x9"),
-            Some("9x16"),
-            Some("21x9"),
-        ];
+        let ratios = [None, Some("1x1"), Some("4x3"), Some("3x4"), Some("16x9"), Some("9x16"), Some("21x9")];
         let mut out = Vec::new();
         for s in sizes {
             for r in ratios {
@@ -106,32 +95,17 @@ mod tests {
     fn suffixes_map_to_size_and_ratio() {
         assert_eq!(
             ModelVariant::parse("gemini-3-pro-image-4k-16x9"),
-            Some(ModelVariant {
-                image_size: Some(ImageSize::K4),
-                ratio: Some(AspectRatio::R16x9)
-            })
+            Some(ModelVariant { image_size: Some(ImageSize::K4), ratio: Some(AspectRatio::R16x9) })
         );
         assert_eq!(
             ModelVariant::parse("gemini-3-pro-image-21x9"),
-            Some(ModelVariant {
-                image_size: None,
-                ratio: Some(AspectRatio::R21x9)
-            })
+            Some(ModelVariant { image_size: None, ratio: Some(AspectRatio::R21x9) })
         );
         assert_eq!(
             ModelVariant::parse("gemini-3-pro-image-2k"),
-            Some(ModelVariant {
-                image_size: Some(ImageSize::K2),
-                ratio: None
-            })
+            Some(ModelVariant { image_size: Some(ImageSize::K2), ratio: None })
         );
-        assert_eq!(
-            ModelVariant::parse("gemini-3-pro-image"),
-            Some(ModelVariant {
-                image_size: None,
-                ratio: None
-            })
-        );
+        assert_eq!(ModelVariant::parse("gemini-3-pro-image"), Some(ModelVariant { image_size: None, ratio: None }));
     }
 
     #[test]

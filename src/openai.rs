@@ -81,24 +81,14 @@ mod tests {
         let body = format!(
             r#"{{"candidates":[{{"content":{{"parts":[{t}{{"inlineData":{{"mimeType":"image/png","data":"QUJD"}}}}]}}}}]}}"#
         );
-        read_call(CallResponse {
-            status: Some(200),
-            body: body.into_bytes(),
-            ..Default::default()
-        })
-        .result
-        .unwrap()
+        read_call(CallResponse { status: Some(200), body: body.into_bytes(), ..Default::default() }).result.unwrap()
     }
 
     #[test]
     fn images_answer_is_openai_json() {
         let a = image(Some("a \"quoted\" cat"));
         let b = image(None);
-        let usage = Usage {
-            input_tokens: 3,
-            output_tokens: 5,
-            total_tokens: 8,
-        };
+        let usage = Usage { input_tokens: 3, output_tokens: 5, total_tokens: 8 };
         let body = images_body(1700000000, &[&a, &b], ResponseFormat::B64Json, Some(usage));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["created"], 1700000000);

@@ -118,12 +118,8 @@ fn enum_field<T: Copy>(
 }
 
 pub fn parse_request(body: &[u8], settings: &Settings) -> Result<ImageRequest, Rejection> {
-    let mut known = Rejection {
-        error: ApiError::new(ErrorCode::InternalError, ""),
-        prompt_hash: None,
-        model: None,
-        safety: None,
-    };
+    let mut known =
+        Rejection { error: ApiError::new(ErrorCode::InternalError, ""), prompt_hash: None, model: None, safety: None };
     match parse_into(body, settings, &mut known) {
         Ok(r) => Ok(r),
         Err(error) => Err(Rejection { error, ..known }),
@@ -131,28 +127,15 @@ pub fn parse_request(body: &[u8], settings: &Settings) -> Result<ImageRequest, R
 }
 
 fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result<ImageRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("request body is not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "request body must be a JSON object",
-        ));
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "request body must be a JSON object"));
     };
 
     // prompt
     let prompt = match field(&obj, "prompt") {
-        None => {
-            return Err(ApiError::param(
-                ErrorCode::InvalidPrompt,
-                "prompt",
-                "prompt is required",
-            ))
-        }
+        None => return Err(ApiError::param(ErrorCode::InvalidPrompt, "prompt", "prompt is required")),
         Some(Value::String(s)) => s.as_str(),
         Some(v) => {
             return Err(ApiError::param(
@@ -164,21 +147,14 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     };
     known.prompt_hash = Some(prompt_hash(prompt));
     if prompt.trim().is_empty() {
-        return Err(ApiError::param(
-            ErrorCode::InvalidPrompt,
-            "prompt",
-            "prompt must not be empty",
-        ));
+        return Err(ApiError::param(ErrorCode::InvalidPrompt, "prompt", "prompt must not be empty"));
     }
     let chars = prompt.chars().count();
     if chars > settings.limits.max_prompt_chars {
         return Err(ApiError::param(
             ErrorCode::InvalidPrompt,
             "prompt",
-            format!(
-                "prompt is {chars} characters; the limit is {}",
-                settings.limits.max_prompt_chars
-            ),
+            format!("prompt is {chars} characters; the limit is {}", settings.limits.max_prompt_chars),
         ));
     }
 
@@ -188,17 +164,12 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
         Some(s) => Some(SafetyLevel::parse(s).ok_or_else(|| {
             invalid(
                 "safety_threshold",
-                format!(
-                    "safety_threshold {} is not one of OFF, LOW, MEDIUM, HIGH",
-                    quote(&Value::String(s.into()))
-                ),
+                format!("safety_threshold {} is not one of OFF, LOW, MEDIUM, HIGH", quote(&Value::String(s.into()))),
             )
         })?),
     };
-    let safety = settings
-        .safety
-        .resolve(requested)
-        .map_err(|refusal| invalid("safety_threshold", refusal.message()))?;
+    let safety =
+        settings.safety.resolve(requested).map_err(|refusal| invalid("safety_threshold", refusal.message()))?;
     known.safety = Some(safety);
 
     // model
@@ -213,23 +184,19 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
             ))
         }
     };
-    known.model = Some(model.to_string());
-    let variant = settings
-        .aliases
-        .get(model)
-        .copied()
-        .or_else(|| ModelVariant::parse(model))
-        .ok_or_else(|| {
-            ApiError::param(
-                ErrorCode::UnsupportedModel,
-                "model",
-                format!(
-                    "model {} is not supported; use gemini-3-pro-image[-2k|-4k][-1x1|-4x3|-3x4|-16x9|-9x16|-21x9]{}",
-                    quote(&Value::String(model.into())),
-                    alias_hint(settings)
-                ),
-            )
-        })?;
+    // The log carries the model name; a refused one is client text, so it is cut short.
+    known.model = Some(model.chars().take(QUOTE_CHARS).collect());
+    let variant = settings.aliases.get(model).copied().or_else(|| ModelVariant::parse(model)).ok_or_else(|| {
+        ApiError::param(
+            ErrorCode::UnsupportedModel,
+            "model",
+            format!(
+                "model {} is not supported; use gemini-3-pro-image[-2k|-4k][-1x1|-4x3|-3x4|-16x9|-9x16|-21x9]{}",
+                quote(&Value::String(model.into())),
+                alias_hint(settings)
+            ),
+        )
+    })?;
 
     // n
     let n = match field(&obj, "n") {
@@ -239,11 +206,7 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
             _ => {
                 return Err(invalid(
                     "n",
-                    format!(
-                        "n must be an integer from 1 to {}, got {}",
-                        settings.limits.max_n,
-                        quote(v)
-                    ),
+                    format!("n must be an integer from 1 to {}, got {}", settings.limits.max_n, quote(v)),
                 ))
             }
         },
@@ -274,10 +237,7 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
             )
         })?),
     };
-    let ratio = explicit_ratio
-        .or(size_ratio)
-        .or(variant.ratio)
-        .unwrap_or(AspectRatio::R1x1);
+    let ratio = explicit_ratio.or(size_ratio).or(variant.ratio).unwrap_or(AspectRatio::R1x1);
 
     // image size: image_size > quality > model suffix > none
     let quality = match string_field(&obj, "quality")? {
@@ -295,13 +255,7 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     let explicit_size = match string_field(&obj, "image_size")? {
         None => None,
         Some(s) => Some(ImageSize::parse(s).ok_or_else(|| {
-            invalid(
-                "image_size",
-                format!(
-                    "image_size {} is not one of 1K, 2K, 4K",
-                    quote(&Value::String(s.into()))
-                ),
-            )
+            invalid("image_size", format!("image_size {} is not one of 1K, 2K, 4K", quote(&Value::String(s.into()))))
         })?),
     };
     let (image_size, size_from) = if let Some(s) = explicit_size {
@@ -325,12 +279,9 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     }
 
     let style = enum_field(&obj, "style", &[("vivid", Style::Vivid), ("natural", Style::Natural)])?;
-    let response_format = enum_field(
-        &obj,
-        "response_format",
-        &[("b64_json", ResponseFormat::B64Json), ("url", ResponseFormat::Url)],
-    )?
-    .unwrap_or(ResponseFormat::B64Json);
+    let response_format =
+        enum_field(&obj, "response_format", &[("b64_json", ResponseFormat::B64Json), ("url", ResponseFormat::Url)])?
+            .unwrap_or(ResponseFormat::B64Json);
     enum_field(&obj, "output_format", &[("png", ())])?;
     if string_field(&obj, "background")? == Some("transparent") {
         return Err(invalid(
@@ -342,10 +293,7 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     match field(&obj, "stream") {
         None | Some(Value::Bool(false)) => {}
         Some(Value::Bool(true)) => {
-            return Err(invalid(
-                "stream",
-                "stream: true is not supported yet; send stream: false or omit it".into(),
-            ))
+            return Err(invalid("stream", "stream: true is not supported yet; send stream: false or omit it".into()))
         }
         Some(v) => return Err(invalid("stream", format!("stream must be a boolean, got {}", quote(v)))),
     }
@@ -436,24 +384,11 @@ mod tests {
     #[test]
     fn ratio_precedence_is_aspect_ratio_then_size_then_suffix() {
         let m = "gemini-3-pro-image-21x9";
+        assert_eq!(parse(json!({"prompt": "p", "model": m})).unwrap().ratio, AspectRatio::R21x9);
+        assert_eq!(parse(json!({"prompt": "p", "model": m, "size": "auto"})).unwrap().ratio, AspectRatio::R21x9);
+        assert_eq!(parse(json!({"prompt": "p", "model": m, "size": "1792x1024"})).unwrap().ratio, AspectRatio::R16x9);
         assert_eq!(
-            parse(json!({"prompt": "p", "model": m})).unwrap().ratio,
-            AspectRatio::R21x9
-        );
-        assert_eq!(
-            parse(json!({"prompt": "p", "model": m, "size": "auto"})).unwrap().ratio,
-            AspectRatio::R21x9
-        );
-        assert_eq!(
-            parse(json!({"prompt": "p", "model": m, "size": "1792x1024"}))
-                .unwrap()
-                .ratio,
-            AspectRatio::R16x9
-        );
-        assert_eq!(
-            parse(json!({"prompt": "p", "model": m, "size": "1792x1024", "aspect_ratio": "4:5"}))
-                .unwrap()
-                .ratio,
+            parse(json!({"prompt": "p", "model": m, "size": "1792x1024", "aspect_ratio": "4:5"})).unwrap().ratio,
             AspectRatio::R4x5
         );
     }
@@ -461,32 +396,18 @@ mod tests {
     #[test]
     fn image_size_precedence_is_field_then_quality_then_suffix() {
         let m = "gemini-3-pro-image-2k";
+        assert_eq!(parse(json!({"prompt": "p", "model": m})).unwrap().image_size, Some(ImageSize::K2));
         assert_eq!(
-            parse(json!({"prompt": "p", "model": m})).unwrap().image_size,
+            parse(json!({"prompt": "p", "model": m, "quality": "auto"})).unwrap().image_size,
             Some(ImageSize::K2)
         );
+        assert_eq!(parse(json!({"prompt": "p", "model": m, "quality": "hd"})).unwrap().image_size, Some(ImageSize::K4));
         assert_eq!(
-            parse(json!({"prompt": "p", "model": m, "quality": "auto"}))
-                .unwrap()
-                .image_size,
-            Some(ImageSize::K2)
-        );
-        assert_eq!(
-            parse(json!({"prompt": "p", "model": m, "quality": "hd"}))
-                .unwrap()
-                .image_size,
-            Some(ImageSize::K4)
-        );
-        assert_eq!(
-            parse(json!({"prompt": "p", "model": m, "quality": "standard"}))
-                .unwrap()
-                .image_size,
+            parse(json!({"prompt": "p", "model": m, "quality": "standard"})).unwrap().image_size,
             Some(ImageSize::K1)
         );
         assert_eq!(
-            parse(json!({"prompt": "p", "model": m, "quality": "hd", "image_size": "1k"}))
-                .unwrap()
-                .image_size,
+            parse(json!({"prompt": "p", "model": m, "quality": "hd", "image_size": "1k"})).unwrap().image_size,
             Some(ImageSize::K1)
         );
     }
@@ -495,37 +416,19 @@ mod tests {
     fn the_image_size_cap_names_the_field_that_asked() {
         let s = Settings::from_json(br#"{"limits": {"max_image_size": "2K"}}"#, &|_| None).unwrap();
         let p = |v: Value| parse_request(v.to_string().as_bytes(), &s).map_err(|r| r.error.param);
-        assert_eq!(
-            p(json!({"prompt": "p", "image_size": "4K"})).unwrap_err(),
-            Some("image_size")
-        );
+        assert_eq!(p(json!({"prompt": "p", "image_size": "4K"})).unwrap_err(), Some("image_size"));
         assert_eq!(p(json!({"prompt": "p", "quality": "hd"})).unwrap_err(), Some("quality"));
-        assert_eq!(
-            p(json!({"prompt": "p", "model": "gemini-3-pro-image-4k"})).unwrap_err(),
-            Some("model")
-        );
+        assert_eq!(p(json!({"prompt": "p", "model": "gemini-3-pro-image-4k"})).unwrap_err(), Some("model"));
         assert!(p(json!({"prompt": "p", "quality": "medium"})).is_ok());
     }
 
     #[test]
     fn aliases_resolve_and_unknown_models_are_refused() {
         let r = parse(json!({"prompt": "p", "model": "dall-e-3"})).unwrap();
-        assert_eq!(
-            r.variant,
-            ModelVariant {
-                image_size: None,
-                ratio: None
-            }
-        );
+        assert_eq!(r.variant, ModelVariant { image_size: None, ratio: None });
         assert_eq!(r.model, "dall-e-3");
-        assert_eq!(
-            rejected(json!({"prompt": "p", "model": "dall-e-2"})),
-            (ErrorCode::UnsupportedModel, Some("model"))
-        );
-        assert_eq!(
-            rejected(json!({"prompt": "p", "model": 3})),
-            (ErrorCode::UnsupportedModel, Some("model"))
-        );
+        assert_eq!(rejected(json!({"prompt": "p", "model": "dall-e-2"})), (ErrorCode::UnsupportedModel, Some("model")));
+        assert_eq!(rejected(json!({"prompt": "p", "model": 3})), (ErrorCode::UnsupportedModel, Some("model")));
     }
 
     #[test]
@@ -533,8 +436,7 @@ mod tests {
         let r = parse(json!({"prompt": "a cat", "style": "vivid"})).unwrap();
         assert!(
             r.final_prompt.starts_with("a cat")
-                && r.final_prompt
-                    .ends_with("vivid colors, dramatic lighting, rich details")
+                && r.final_prompt.ends_with("vivid colors, dramatic lighting, rich details")
         );
         let r = parse(json!({"prompt": "a cat", "style": "natural"})).unwrap();
         assert!(r.final_prompt.ends_with("natural lighting, realistic, photorealistic"));
@@ -547,86 +449,30 @@ mod tests {
             (json!({"prompt": ""}), ErrorCode::InvalidPrompt, Some("prompt")),
             (json!({"prompt": "   "}), ErrorCode::InvalidPrompt, Some("prompt")),
             (json!({"prompt": 5}), ErrorCode::InvalidPrompt, Some("prompt")),
-            (
-                json!({"prompt": "x".repeat(32001)}),
-                ErrorCode::InvalidPrompt,
-                Some("prompt"),
-            ),
+            (json!({"prompt": "x".repeat(32001)}), ErrorCode::InvalidPrompt, Some("prompt")),
             (json!({"prompt": "p", "n": 0}), ErrorCode::InvalidRequest, Some("n")),
             (json!({"prompt": "p", "n": 5}), ErrorCode::InvalidRequest, Some("n")),
             (json!({"prompt": "p", "n": 1.5}), ErrorCode::InvalidRequest, Some("n")),
             (json!({"prompt": "p", "n": "2"}), ErrorCode::InvalidRequest, Some("n")),
             (json!({"prompt": "p", "n": -1}), ErrorCode::InvalidRequest, Some("n")),
-            (
-                json!({"prompt": "p", "size": "3000x1000"}),
-                ErrorCode::InvalidRequest,
-                Some("size"),
-            ),
-            (
-                json!({"prompt": "p", "size": 1024}),
-                ErrorCode::InvalidRequest,
-                Some("size"),
-            ),
-            (
-                json!({"prompt": "p", "quality": "ultra"}),
-                ErrorCode::InvalidRequest,
-                Some("quality"),
-            ),
-            (
-                json!({"prompt": "p", "style": "cubist"}),
-                ErrorCode::InvalidRequest,
-                Some("style"),
-            ),
-            (
-                json!({"prompt": "p", "response_format": "jpeg"}),
-                ErrorCode::InvalidRequest,
-                Some("response_format"),
-            ),
-            (
-                json!({"prompt": "p", "output_format": "webp"}),
-                ErrorCode::InvalidRequest,
-                Some("output_format"),
-            ),
-            (
-                json!({"prompt": "p", "background": "transparent"}),
-                ErrorCode::InvalidRequest,
-                Some("background"),
-            ),
-            (
-                json!({"prompt": "p", "background": "pink"}),
-                ErrorCode::InvalidRequest,
-                Some("background"),
-            ),
-            (
-                json!({"prompt": "p", "stream": true}),
-                ErrorCode::InvalidRequest,
-                Some("stream"),
-            ),
-            (
-                json!({"prompt": "p", "stream": "no"}),
-                ErrorCode::InvalidRequest,
-                Some("stream"),
-            ),
+            (json!({"prompt": "p", "size": "3000x1000"}), ErrorCode::InvalidRequest, Some("size")),
+            (json!({"prompt": "p", "size": 1024}), ErrorCode::InvalidRequest, Some("size")),
+            (json!({"prompt": "p", "quality": "ultra"}), ErrorCode::InvalidRequest, Some("quality")),
+            (json!({"prompt": "p", "style": "cubist"}), ErrorCode::InvalidRequest, Some("style")),
+            (json!({"prompt": "p", "response_format": "jpeg"}), ErrorCode::InvalidRequest, Some("response_format")),
+            (json!({"prompt": "p", "output_format": "webp"}), ErrorCode::InvalidRequest, Some("output_format")),
+            (json!({"prompt": "p", "background": "transparent"}), ErrorCode::InvalidRequest, Some("background")),
+            (json!({"prompt": "p", "background": "pink"}), ErrorCode::InvalidRequest, Some("background")),
+            (json!({"prompt": "p", "stream": true}), ErrorCode::InvalidRequest, Some("stream")),
+            (json!({"prompt": "p", "stream": "no"}), ErrorCode::InvalidRequest, Some("stream")),
             (
                 json!({"prompt": "p", "safety_threshold": "EXTREME"}),
                 ErrorCode::InvalidRequest,
                 Some("safety_threshold"),
             ),
-            (
-                json!({"prompt": "p", "image_size": "8K"}),
-                ErrorCode::InvalidRequest,
-                Some("image_size"),
-            ),
-            (
-                json!({"prompt": "p", "aspect_ratio": "7:3"}),
-                ErrorCode::InvalidRequest,
-                Some("aspect_ratio"),
-            ),
-            (
-                json!({"prompt": "p", "user": 7}),
-                ErrorCode::InvalidRequest,
-                Some("user"),
-            ),
+            (json!({"prompt": "p", "image_size": "8K"}), ErrorCode::InvalidRequest, Some("image_size")),
+            (json!({"prompt": "p", "aspect_ratio": "7:3"}), ErrorCode::InvalidRequest, Some("aspect_ratio")),
+            (json!({"prompt": "p", "user": 7}), ErrorCode::InvalidRequest, Some("user")),
         ];
         for (body, code, param) in cases {
             assert_eq!(rejected(body.clone()), (code, param), "{body}");
@@ -650,10 +496,7 @@ mod tests {
             "some_future_field": {"x": 1}, "size_hint": null
         }))
         .unwrap();
-        assert_eq!(
-            (r.n, r.ratio, r.image_size),
-            (4, AspectRatio::R2x3, Some(ImageSize::K2))
-        );
+        assert_eq!((r.n, r.ratio, r.image_size), (4, AspectRatio::R2x3, Some(ImageSize::K2)));
         assert_eq!((r.response_format, r.safety), (ResponseFormat::Url, SafetyLevel::High));
         assert!(parse(json!({"prompt": "p", "background": "auto", "quality": null})).is_ok());
     }
@@ -678,21 +521,13 @@ mod tests {
         let s = Settings::from_json(br#"{"safety": {"default": "MEDIUM", "minimum": "LOW"}}"#, &|_| None).unwrap();
         let p = |v: Value| parse_request(v.to_string().as_bytes(), &s);
         assert_eq!(p(json!({"prompt": "p"})).unwrap().safety, SafetyLevel::Medium);
-        assert_eq!(
-            p(json!({"prompt": "p", "safety_threshold": "low"})).unwrap().safety,
-            SafetyLevel::Low
-        );
+        assert_eq!(p(json!({"prompt": "p", "safety_threshold": "low"})).unwrap().safety, SafetyLevel::Low);
         let r = p(json!({"prompt": "p", "safety_threshold": "off"})).unwrap_err();
         assert_eq!(r.error.param, Some("safety_threshold"));
         assert!(r.error.message.contains("minimum LOW"), "{}", r.error.message);
         let locked = Settings::from_json(br#"{"safety": {"allow_request_override": false}}"#, &|_| None).unwrap();
-        let r = parse_request(
-            json!({"prompt": "p", "safety_threshold": "HIGH"})
-                .to_string()
-                .as_bytes(),
-            &locked,
-        )
-        .unwrap_err();
+        let r = parse_request(json!({"prompt": "p", "safety_threshold": "HIGH"}).to_string().as_bytes(), &locked)
+            .unwrap_err();
         assert_eq!(r.error.param, Some("safety_threshold"));
     }
 }

@@ -118,12 +118,7 @@ impl SafetyPolicy {
                 minimum.as_str()
             ));
         }
-        Ok(SafetyPolicy {
-            default,
-            default_source,
-            allow_request_override,
-            minimum,
-        })
+        Ok(SafetyPolicy { default, default_source, allow_request_override, minimum })
     }
 
     /// The level in force for a request that asked for `requested` (already parsed).
@@ -133,10 +128,7 @@ impl SafetyPolicy {
             Some(_) if !self.allow_request_override => {
                 Err(SafetyRefusal::OverrideNotAllowed { platform: self.default })
             }
-            Some(asked) if asked < self.minimum => Err(SafetyRefusal::BelowMinimum {
-                asked,
-                minimum: self.minimum,
-            }),
+            Some(asked) if asked < self.minimum => Err(SafetyRefusal::BelowMinimum { asked, minimum: self.minimum }),
             Some(asked) => Ok(asked),
         }
     }
@@ -166,10 +158,7 @@ mod tests {
     #[test]
     fn environment_beats_config_beats_off() {
         let p = SafetyPolicy::new(Some(SafetyLevel::Low), Some(SafetyLevel::High), true, SafetyLevel::Off).unwrap();
-        assert_eq!(
-            (p.default, p.default_source),
-            (SafetyLevel::High, SafetySource::Environment)
-        );
+        assert_eq!((p.default, p.default_source), (SafetyLevel::High, SafetySource::Environment));
         let p = SafetyPolicy::new(Some(SafetyLevel::Low), None, true, SafetyLevel::Off).unwrap();
         assert_eq!((p.default, p.default_source), (SafetyLevel::Low, SafetySource::Config));
         let p = SafetyPolicy::new(None, None, true, SafetyLevel::Off).unwrap();
@@ -190,16 +179,10 @@ mod tests {
         assert_eq!(p.resolve(Some(SafetyLevel::Low)), Ok(SafetyLevel::Low));
         assert_eq!(
             p.resolve(Some(SafetyLevel::Off)),
-            Err(SafetyRefusal::BelowMinimum {
-                asked: SafetyLevel::Off,
-                minimum: SafetyLevel::Low
-            })
+            Err(SafetyRefusal::BelowMinimum { asked: SafetyLevel::Off, minimum: SafetyLevel::Low })
         );
         let locked = SafetyPolicy::new(Some(SafetyLevel::High), None, false, SafetyLevel::Off).unwrap();
         assert_eq!(locked.resolve(None), Ok(SafetyLevel::High));
-        assert!(matches!(
-            locked.resolve(Some(SafetyLevel::High)),
-            Err(SafetyRefusal::OverrideNotAllowed { .. })
-        ));
+        assert!(matches!(locked.resolve(Some(SafetyLevel::High)), Err(SafetyRefusal::OverrideNotAllowed { .. })));
     }
 }

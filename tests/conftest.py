@@ -63,10 +63,23 @@ def envoy(workdir, fake):
     e.stop()
     log = e.log()
     assert "panicked" not in log and "wasm trap" not in log.lower(), "the wasm VM panicked:\n" + log[-3000:]
+    # Everything the suite sent went through this Envoy: nothing of it may be in any log.
+    assert_no_secrets(log, "Envoy")
+    assert_no_secrets(fake.process.output(), "fake-gemini")
+
+
+# Every prompt the suite sends holds this canary; at the end no log may hold it (issue 3).
+CANARY = "canary%s" % uuid.uuid4().hex[:10]
+USER = "user-%s@example.com" % uuid.uuid4().hex[:8]
 
 
 def unique(prefix="p"):
-    return "%s-%s" % (prefix, uuid.uuid4().hex[:12])
+    return "%s %s-%s" % (prefix, CANARY, uuid.uuid4().hex[:12])
+
+
+def assert_no_secrets(text, where):
+    for secret, what in [(CANARY, "a prompt"), (USER, "a user"), (API_KEY, "the API key"), ("not-the-key", "a key")]:
+        assert secret not in text, "%s logged %s" % (where, what)
 
 
 class Client:

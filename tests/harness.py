@@ -120,6 +120,7 @@ class Envoy:
         self.admin_port = free_port()
         self.port = free_port()
         self.doc = render_envoy.render(listen_port=self.port, admin_port=self.admin_port, wasm=WASM, **render_args)
+        self.doc["stats_flush_interval"] = "0.5s"  # histograms show up in /stats after a flush
         self.ports = {"images": self.port}
         for name_, port, _ in render_args.get("extra_listeners", ()):
             self.ports[name_] = port
@@ -141,7 +142,15 @@ class Envoy:
         return self.process.output()
 
     def stats(self):
-        return http("GET", self.admin + "/stats")[2].decode()
+        """/stats as a dict of name to value (text for histograms)."""
+        out = {}
+        for line in http("GET", self.admin + "/stats")[2].decode().splitlines():
+            name, _, value = line.partition(": ")
+            out[name] = int(value) if value.isdigit() else value
+        return out
+
+    def prometheus(self):
+        return http("GET", self.admin + "/stats/prometheus")[2].decode()
 
     def stop(self):
         self.process.stop()

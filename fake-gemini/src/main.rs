@@ -117,12 +117,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
                 let headers: Vec<(String, String)> = req
                     .headers
                     .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
+                    .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
                     .collect();
                 let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
                 let length: usize = get("content-length").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
@@ -140,13 +135,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
                 }
                 let body = buf[head_len..head_len + length].to_vec();
                 buf.drain(..head_len + length);
-                return Ok(Some(Request {
-                    method,
-                    path,
-                    headers,
-                    body,
-                    keep_alive,
-                }));
+                return Ok(Some(Request { method, path, headers, body, keep_alive }));
             }
             Ok(httparse::Status::Partial) => {
                 if buf.len() > HEAD_MAX {
@@ -228,11 +217,7 @@ fn handle(req: &Request, state: &State) -> Response {
     match (req.method.as_str(), path) {
         ("GET", "/healthz") => Response::json(200, json!({"ok": true})),
         ("GET", "/__fake/requests") => {
-            let recorded = state
-                .recorded
-                .lock()
-                .map(|r| r.iter().cloned().collect::<Vec<_>>())
-                .unwrap_or_default();
+            let recorded = state.recorded.lock().map(|r| r.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
             Response::json(200, Value::Array(recorded))
         }
         ("DELETE", "/__fake/requests") => {
@@ -243,11 +228,8 @@ fn handle(req: &Request, state: &State) -> Response {
         }
         (_, "/__fake/echo") => {
             // Stands in for "the application" behind Envoy in pass-through tests.
-            let headers: serde_json::Map<String, Value> = req
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect();
+            let headers: serde_json::Map<String, Value> =
+                req.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
             Response::json(
                 200,
                 json!({"method": req.method, "path": req.path, "headers": headers, "body": String::from_utf8_lossy(&req.body)}),
@@ -259,11 +241,8 @@ fn handle(req: &Request, state: &State) -> Response {
 }
 
 fn record(req: &Request, state: &State, body: &Value) {
-    let headers: serde_json::Map<String, Value> = req
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
+    let headers: serde_json::Map<String, Value> =
+        req.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     let entry = json!({"method": req.method, "path": req.path, "headers": headers, "body": body});
     if let Ok(mut r) = state.recorded.lock() {
         if r.len() >= RECORDED_MAX {
@@ -280,11 +259,7 @@ fn generate(req: &Request, path: &str, state: &State) -> Response {
     };
     record(req, state, &body);
 
-    let key = req
-        .headers
-        .iter()
-        .find(|(k, _)| k == "x-goog-api-key")
-        .map(|(_, v)| v.as_str());
+    let key = req.headers.iter().find(|(k, _)| k == "x-goog-api-key").map(|(_, v)| v.as_str());
     if let Some(expected) = &state.api_key {
         match key {
             None => return google_error(403, "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.", json!([])),
@@ -308,11 +283,7 @@ fn generate(req: &Request, path: &str, state: &State) -> Response {
         .collect::<Vec<_>>()
         .join("\n");
     if prompt.is_empty() {
-        return google_error(
-            400,
-            "* GenerateContentRequest.contents: contents is not specified",
-            json!([]),
-        );
+        return google_error(400, "* GenerateContentRequest.contents: contents is not specified", json!([]));
     }
     let m = parse_markers(&prompt);
     let mut resp = respond(&m, &prompt, &body, path, state);
@@ -364,16 +335,10 @@ fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state
     }
     let text_resp = |v: Value| Response::json(200, v);
     if m.garbage {
-        return Response {
-            body: b"<html>this is not json</html>".to_vec(),
-            ..text_resp(json!(null))
-        };
+        return Response { body: b"<html>this is not json</html>".to_vec(), ..text_resp(json!(null)) };
     }
     if m.empty {
-        return Response {
-            body: Vec::new(),
-            ..text_resp(json!(null))
-        };
+        return Response { body: Vec::new(), ..text_resp(json!(null)) };
     }
     let usage = json!({"promptTokenCount": prompt.split_whitespace().count() + 3, "candidatesTokenCount": 1290, "thoughtsTokenCount": 120, "totalTokenCount": prompt.split_whitespace().count() + 3 + 1290 + 120});
     if let Some(reason) = &m.block {
@@ -396,10 +361,7 @@ fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state
     let ratio = config["aspectRatio"].as_str().unwrap_or("1:1");
     let size = config["imageSize"].as_str().unwrap_or("1K");
     let (w, h) = dimensions(ratio, size);
-    let shade = (prompt
-        .bytes()
-        .fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32))
-        % 6) as u8;
+    let shade = (prompt.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32)) % 6) as u8;
     let png = cached_png(state, w, h, shade);
     let png: Vec<u8> = match (m.huge, m.bytes) {
         (true, _) => png::pad_to(&png, 26 * 1024 * 1024), // base64: ~34.7 MiB, over 32 MiB
@@ -418,9 +380,7 @@ fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state
     if m.with_text {
         parts.push(json!({"text": "Here is your image."}));
     }
-    let model = path
-        .trim_start_matches("/v1beta/models/")
-        .trim_end_matches(":generateContent");
+    let model = path.trim_start_matches("/v1beta/models/").trim_end_matches(":generateContent");
     let answer = json!({
         "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
         "usageMetadata": usage,
@@ -431,24 +391,14 @@ fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state
     if m.truncated {
         bytes.truncate(bytes.len() / 2);
     }
-    Response {
-        body: bytes,
-        ..Response::json(200, json!(null))
-    }
+    Response { body: bytes, ..Response::json(200, json!(null)) }
 }
 
 fn cached_png(state: &State, w: u32, h: u32, shade: u8) -> Arc<Vec<u8>> {
     if let Some(p) = state.png_cache.lock().ok().and_then(|c| c.get(&(w, h, shade)).cloned()) {
         return p;
     }
-    let palette = [
-        [230, 57, 70],
-        [69, 123, 157],
-        [42, 157, 143],
-        [233, 196, 106],
-        [244, 162, 97],
-        [131, 56, 236],
-    ];
+    let palette = [[230, 57, 70], [69, 123, 157], [42, 157, 143], [233, 196, 106], [244, 162, 97], [131, 56, 236]];
     let png = Arc::new(png::solid(w, h, palette[shade as usize % palette.len()]));
     if let Ok(mut c) = state.png_cache.lock() {
         c.insert((w, h, shade), png.clone());

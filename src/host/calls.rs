@@ -5,7 +5,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel as HostLevel, MapType, Status};
+use proxy_wasm::types::{BufferType, LogLevel as HostLevel, MapType, MetricType, Status};
 
 use crate::access_log::LogLevel;
 
@@ -70,4 +70,20 @@ pub fn log(level: LogLevel, message: &str) {
         LogLevel::Error => HostLevel::Error,
     };
     let _ = hostcalls::log(level, message);
+}
+
+pub fn define_counter(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Counter, name).ok()
+}
+
+pub fn define_histogram(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Histogram, name).ok()
+}
+
+pub fn increment(id: u32, by: u64) {
+    let _ = hostcalls::increment_metric(id, by.min(i64::MAX as u64) as i64);
+}
+
+pub fn record(id: u32, value: u64) {
+    let _ = hostcalls::record_metric(id, value);
 }

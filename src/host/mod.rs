@@ -2,6 +2,7 @@
 //! the HTTP context feeds request events to an `Exchange` and carries out its effects.
 
 mod calls;
+mod metrics;
 
 use std::rc::Rc;
 
@@ -12,17 +13,19 @@ use crate::access_log::LogLevel;
 use crate::config::Settings;
 use crate::exchange::{Effect, Exchange, RequestHead};
 use crate::gemini::CallResponse;
+use metrics::Metrics;
 
 /// The path the filter answers; everything else passes through untouched.
 const GENERATIONS_PATH: &str = "/v1/images/generations";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(HostLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { settings: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { settings: None, metrics: Rc::new(Metrics::default()) }) });
 }}
 
 struct Root {
     settings: Option<Rc<Settings>>,
+    metrics: Rc<Metrics>,
 }
 
 impl Context for Root {}
@@ -48,6 +51,7 @@ impl RootContext for Root {
                     ),
                 );
                 self.settings = Some(Rc::new(settings));
+                self.metrics = Rc::new(Metrics::define());
                 true
             }
             Err(e) => {
@@ -64,6 +68,7 @@ impl RootContext for Root {
         let settings = self.settings.clone()?;
         Some(Box::new(ImageHttp {
             settings,
+            metrics: self.metrics.clone(),
             exchange: None,
             calls: Vec::new(),
             replied: false,
@@ -85,6 +90,7 @@ struct PendingCall {
 
 struct ImageHttp {
     settings: Rc<Settings>,
+    metrics: Rc<Metrics>,
     /// Present only for image requests.
     exchange: Option<Exchange>,
     calls: Vec<PendingCall>,
@@ -99,12 +105,9 @@ impl ImageHttp {
                     for index in 0..count {
                         let sent_ms = calls::now_ms();
                         match calls::dispatch(&call.cluster, &call.headers, &call.body, call.timeout_ms) {
-                            Ok(token) => self.calls.push(PendingCall {
-                                token,
-                                index,
-                                sent_ms,
-                                timeout_ms: call.timeout_ms,
-                            }),
+                            Ok(token) => {
+                                self.calls.push(PendingCall { token, index, sent_ms, timeout_ms: call.timeout_ms })
+                            }
                             Err(status) => {
                                 let why = format!("dispatch to cluster {:?} failed ({status:?})", call.cluster);
                                 let more = match self.exchange.as_mut() {
@@ -125,6 +128,8 @@ impl ImageHttp {
                     }
                 }
                 Effect::Log(line) => calls::log(line.level, &line.json),
+                Effect::Count(counter, by) => self.metrics.count(&counter, by),
+                Effect::Observe(histogram, value) => self.metrics.observe(histogram, value),
             }
         }
     }
@@ -155,11 +160,7 @@ impl Context for ImageHttp {
             let status = calls::call_response_header(":status").and_then(|s| s.trim().parse::<u32>().ok());
             (status, calls::call_response_header("content-type"))
         };
-        let body = if status.is_some() {
-            calls::call_response_body(body_size)
-        } else {
-            Vec::new()
-        };
+        let body = if status.is_some() { calls::call_response_body(body_size) } else { Vec::new() };
         let response = CallResponse {
             status,
             content_type,

@@ -1,0 +1,114 @@
+//! The filter's Envoy metrics: one place that names them. Names put the label last
+//! (`gemini_image.errors.code.IMG_QUOTA_EXHAUSTED`), so Envoy's `stats_tags` can turn it into a
+//! label (`gemini_image_errors{code="IMG_QUOTA_EXHAUSTED"}`); see docs/observability.md.
+
+use crate::error::ErrorCode;
+use crate::model::ModelVariant;
+use crate::safety::SafetyLevel;
+
+pub const PREFIX: &str = "gemini_image";
+
+/// How a request ended, for `requests.outcome.*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Success,
+    /// A 200 with fewer images than asked.
+    Partial,
+    Error,
+    ClientClosed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [Outcome::Success, Outcome::Partial, Outcome::Error, Outcome::ClientClosed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Partial => "partial",
+            Outcome::Error => "error",
+            Outcome::ClientClosed => "client_closed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// Every image request, by how it ended.
+    Requests(Outcome),
+    /// Image requests by resolved model variant (its canonical name).
+    ModelRequests(String),
+    /// Images returned to clients.
+    Images,
+    /// Gemini calls made.
+    UpstreamCalls,
+    /// Error answers by code.
+    Errors(ErrorCode),
+    /// Safety blocks, by the level that was in force.
+    SafetyBlocks(SafetyLevel),
+    /// Requests by the safety level applied.
+    SafetyApplied(SafetyLevel),
+}
+
+impl Counter {
+    pub fn name(&self) -> String {
+        match self {
+            Counter::Requests(o) => format!("{PREFIX}.requests.outcome.{}", o.as_str()),
+            Counter::ModelRequests(v) => format!("{PREFIX}.model_requests.model.{v}"),
+            Counter::Images => format!("{PREFIX}.images"),
+            Counter::UpstreamCalls => format!("{PREFIX}.upstream_calls"),
+            Counter::Errors(c) => format!("{PREFIX}.errors.code.{}", c.as_str()),
+            Counter::SafetyBlocks(l) => format!("{PREFIX}.safety_blocks.level.{}", l.as_str()),
+            Counter::SafetyApplied(l) => format!("{PREFIX}.safety_applied.level.{}", l.as_str()),
+        }
+    }
+
+    /// Every counter, defined up front so that dashboards see zeros rather than gaps.
+    pub fn all() -> Vec<Counter> {
+        let levels = [SafetyLevel::Off, SafetyLevel::Low, SafetyLevel::Medium, SafetyLevel::High];
+        let mut all: Vec<Counter> = Outcome::ALL.into_iter().map(Counter::Requests).collect();
+        all.extend(ModelVariant::all_names().into_iter().map(Counter::ModelRequests));
+        all.push(Counter::Images);
+        all.push(Counter::UpstreamCalls);
+        all.extend(ErrorCode::ALL.into_iter().map(Counter::Errors));
+        all.extend(levels.into_iter().map(Counter::SafetyBlocks));
+        all.extend(levels.into_iter().map(Counter::SafetyApplied));
+        all
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Histogram {
+    /// Each Gemini call, dispatch to answer, in milliseconds.
+    UpstreamLatencyMs,
+    /// Each image request, headers to reply, in milliseconds.
+    RequestLatencyMs,
+}
+
+impl Histogram {
+    pub const ALL: [Histogram; 2] = [Histogram::UpstreamLatencyMs, Histogram::RequestLatencyMs];
+
+    pub fn name(self) -> String {
+        match self {
+            Histogram::UpstreamLatencyMs => format!("{PREFIX}.upstream_latency_ms"),
+            Histogram::RequestLatencyMs => format!("{PREFIX}.request_latency_ms"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_end_in_their_label() {
+        let names: Vec<String> = Counter::all().iter().map(Counter::name).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len());
+        assert!(names.contains(&"gemini_image.errors.code.IMG_QUOTA_EXHAUSTED".to_string()));
+        assert!(names.contains(&"gemini_image.model_requests.model.gemini-3-pro-image-4k-16x9".to_string()));
+        assert!(names.contains(&"gemini_image.requests.outcome.success".to_string()));
+        assert!(names.iter().all(|n| n.starts_with("gemini_image.")));
+    }
+}
