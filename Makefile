@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements-dev.txt
 
 build: setup
 	cargo build --release --target wasm32-wasip1 -p gemini-image-filter
-	cargo build --release -p fake-gemini
+	cargo build --release -p fake-gemini -p cache-service
 	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
 
 run: build

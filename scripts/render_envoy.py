@@ -69,6 +69,7 @@ def render(
     wasm=DEFAULT_WASM,
     fake_gemini=None,
     app=None,
+    image_cache=None,
     plugin=None,
     plugin_patch=None,
     extra_listeners=(),
@@ -106,6 +107,8 @@ def render(
         _point_cluster(doc, "gemini", *_addr(fake_gemini))
     if app:
         _point_cluster(doc, "app", *_addr(app))
+    if image_cache:
+        _point_cluster(doc, "image_cache", *_addr(image_cache))
     for name, port, cfg_extra in extra_listeners:
         l = copy.deepcopy(main)
         l["name"] = name
@@ -141,11 +144,12 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--fake-gemini", help="HOST:PORT of fake-gemini; omit to keep Google's TLS cluster")
     p.add_argument("--app", help="HOST:PORT of the application cluster")
+    p.add_argument("--image-cache", help="HOST:PORT of cache-service")
     p.add_argument("--listen-port", type=int)
     p.add_argument("--admin-port", type=int)
     p.add_argument("--wasm", default=DEFAULT_WASM)
     a = p.parse_args()
-    doc = render(a.base, listen_port=a.listen_port, admin_port=a.admin_port, wasm=a.wasm, fake_gemini=a.fake_gemini, app=a.app)
+    doc = render(a.base, listen_port=a.listen_port, admin_port=a.admin_port, wasm=a.wasm, fake_gemini=a.fake_gemini, app=a.app, image_cache=a.image_cache)
     write(doc, a.out)
     print(a.out)
 

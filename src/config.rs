@@ -215,6 +215,34 @@ pub struct Settings {
     pub warnings: Vec<String>,
 }
 
+impl Settings {
+    /// One line for the start-up log: what is in force, no secrets.
+    pub fn summary(&self) -> String {
+        let cache = match &self.cache {
+            None => "cache off".to_string(),
+            Some(c) => format!(
+                "cache ttl {}s, l1 {}, l2 {}",
+                c.ttl_seconds,
+                c.l1.as_ref().map_or("off".to_string(), |l| format!("{} x {} bytes", l.max_entries, l.max_entry_bytes)),
+                c.l2.as_ref().map_or("off".to_string(), |l| format!(
+                    "cluster {} ({})",
+                    l.cluster,
+                    if l.token.is_some() { "with token" } else { "no token" }
+                )),
+            ),
+        };
+        format!(
+            "cluster {}, model {}, safety {} from {:?}, minimum {}, {}",
+            self.gemini.cluster,
+            self.gemini.model,
+            self.safety.default.as_str(),
+            self.safety.default_source,
+            self.safety.minimum.as_str(),
+            cache
+        )
+    }
+}
+
 fn non_empty(what: &str, v: &str) -> Result<(), String> {
     if v.trim().is_empty() {
         Err(format!("{what} must not be empty"))

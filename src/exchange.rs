@@ -5,11 +5,12 @@
 use std::rc::Rc;
 
 use crate::access_log::{LogLevel, LogRecord};
+use crate::cache::{self, CacheKey, L1Read, StorePlan};
 use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::gemini::{self, CallOutcome, CallResponse, GeminiImage, Usage};
-use crate::metrics::{Counter, Histogram, Outcome};
-use crate::openai;
+use crate::metrics::{CacheTier, Counter, Histogram, Outcome};
+use crate::openai::{self, ImageView};
 use crate::request::{self, ImageRequest};
 use crate::safety::SafetyLevel;
 
@@ -60,6 +61,28 @@ pub enum Effect {
     },
     Reply(Reply),
     Log(LogLine),
+    /// Look the key up in L1 (shared data) now; the answer comes back as `on_l1_result`.
+    LookupL1 {
+        key: CacheKey,
+        max_entries: u32,
+    },
+    /// Write an entry to an L1 slot: `data` first, then `meta`.
+    StoreL1 {
+        meta_key: String,
+        meta: Vec<u8>,
+        data_key: String,
+        data: Rc<Vec<u8>>,
+    },
+    /// Ask the cache service; the answer comes back as `on_l2_response`.
+    CallL2 {
+        call: HttpCall,
+    },
+    /// Store at the cache service from the root context (outliving this stream); no answer
+    /// is awaited. The body is `entry`.
+    WriteL2 {
+        call: HttpCall,
+        entry: Rc<Vec<u8>>,
+    },
     /// Add to a counter.
     Count(Counter, u64),
     /// Record a histogram value.
@@ -74,13 +97,30 @@ pub struct Exchange {
     prompt_hash: Option<String>,
     model: Option<String>,
     safety: Option<SafetyLevel>,
+    cache: CachePlan,
     calls: Vec<Option<CallOutcome>>,
+    calls_made: u32,
     upstream_started_ms: Option<u64>,
     done: bool,
 }
 
+/// What the cache does for this request.
+#[derive(Default)]
+struct CachePlan {
+    key: Option<CacheKey>,
+    /// Look up (false with `no-cache`, `no-store`, or no cache configured).
+    lookup: bool,
+    /// Store a complete success (false with `no-store`).
+    store: bool,
+    /// The `x-image-cache` value.
+    state: &'static str,
+    /// Where the L1 lookup said to store (and whether that evicts a live entry).
+    l1_plan: Option<StorePlan>,
+}
+
 impl Exchange {
     pub fn new(settings: Rc<Settings>, head: RequestHead, now_ms: u64) -> Exchange {
+        let state = initial_cache_state(&settings, &head);
         Exchange {
             settings,
             head,
@@ -89,7 +129,9 @@ impl Exchange {
             prompt_hash: None,
             model: None,
             safety: None,
+            cache: CachePlan { state, ..CachePlan::default() },
             calls: Vec::new(),
+            calls_made: 0,
             upstream_started_ms: None,
             done: false,
         }
@@ -152,6 +194,103 @@ impl Exchange {
         self.prompt_hash = Some(req.prompt_hash.clone());
         self.model = Some(req.model.clone());
         self.safety = Some(req.safety);
+        self.plan_cache(&req);
+        self.request = Some(req);
+        match (&self.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
+            (Some(key), Some(l1)) if self.cache.lookup => {
+                vec![Effect::LookupL1 { key: key.clone(), max_entries: l1.max_entries }]
+            }
+            _ => self.after_l1(now_ms),
+        }
+    }
+
+    fn plan_cache(&mut self, req: &ImageRequest) {
+        let Some(_) = &self.settings.cache else { return };
+        let cc = self.head.cache_control.as_deref().unwrap_or("");
+        if has_directive(cc, "no-store") {
+            return; // `bypass`, set at the start
+        }
+        self.cache.key = Some(cache::cache_key(req, &self.settings.gemini.model));
+        self.cache.store = true;
+        self.cache.lookup = !has_directive(cc, "no-cache");
+    }
+
+    /// L1 answered (the host looked the key up in shared data).
+    pub fn on_l1_result(&mut self, read: L1Read, now_ms: u64) -> Vec<Effect> {
+        if self.done {
+            return Vec::new();
+        }
+        match read {
+            L1Read::Hit(bytes) => {
+                let mut effects = self.serve_entry(&bytes, CacheTier::L1, now_ms);
+                if effects.is_empty() {
+                    effects = self.after_l1(now_ms); // unreadable after all: a miss
+                }
+                effects
+            }
+            L1Read::Miss(plan) => {
+                self.cache.l1_plan = Some(plan);
+                self.after_l1(now_ms)
+            }
+        }
+    }
+
+    /// After an L1 miss (or with no L1): ask L2, or go to Gemini.
+    fn after_l1(&mut self, now_ms: u64) -> Vec<Effect> {
+        match (&self.cache.key, self.settings.cache.as_ref().and_then(|c| c.l2.as_ref())) {
+            (Some(key), Some(l2)) if self.cache.lookup => {
+                let mut headers = vec![
+                    (":method".to_string(), "GET".to_string()),
+                    (":path".to_string(), cache::l2_path(&key.key)),
+                    (":authority".to_string(), l2.authority.clone()),
+                ];
+                if let Some(token) = &l2.token {
+                    headers.push(("authorization".to_string(), format!("Bearer {token}")));
+                }
+                vec![Effect::CallL2 {
+                    call: HttpCall {
+                        cluster: l2.cluster.clone(),
+                        headers,
+                        body: Vec::new(),
+                        timeout_ms: l2.timeout_ms,
+                    },
+                }]
+            }
+            _ => self.call_gemini(now_ms),
+        }
+    }
+
+    /// The cache service answered (or failed, or timed out): a hit is served, anything else
+    /// costs only a miss.
+    pub fn on_l2_response(&mut self, response: CallResponse, now_ms: u64) -> Vec<Effect> {
+        if self.done {
+            return Vec::new();
+        }
+        let mut effects = Vec::new();
+        match response.status {
+            Some(200) => {
+                effects = self.serve_entry(&response.body, CacheTier::L2, now_ms);
+                if effects.is_empty() {
+                    effects.push(Effect::Count(Counter::CacheL2Errors, 1)); // garbled
+                } else {
+                    // Fill L1 from L2.
+                    if let Some(store) = self.l1_store(Rc::new(response.body)) {
+                        effects.extend(store);
+                    }
+                    return effects;
+                }
+            }
+            Some(404) => {}
+            _ => effects.push(Effect::Count(Counter::CacheL2Errors, 1)),
+        }
+        effects.extend(self.call_gemini(now_ms));
+        effects
+    }
+
+    fn call_gemini(&mut self, now_ms: u64) -> Vec<Effect> {
+        let Some(req) = &self.request else {
+            return self.fail(ApiError::new(ErrorCode::InternalError, "request state lost"), None, now_ms);
+        };
         let g = &self.settings.gemini;
         let mut headers = vec![
             (":method".to_string(), "POST".to_string()),
@@ -171,9 +310,100 @@ impl Exchange {
         };
         let count = req.n;
         self.calls = vec![None; count as usize];
-        self.request = Some(req);
+        self.calls_made = count;
         self.upstream_started_ms = Some(now_ms);
-        vec![Effect::CallGemini { count, call }]
+        let mut effects = Vec::with_capacity(2);
+        if self.settings.cache.is_some() {
+            effects.push(Effect::Count(
+                if self.cache.key.is_some() { Counter::CacheMisses } else { Counter::CacheBypass },
+                1,
+            ));
+        }
+        effects.push(Effect::CallGemini { count, call });
+        effects
+    }
+
+    /// Answers from a cache entry; empty when the entry does not read back.
+    fn serve_entry(&mut self, bytes: &[u8], tier: CacheTier, now_ms: u64) -> Vec<Effect> {
+        let (Some(key), Some(req)) = (&self.cache.key, &self.request) else { return Vec::new() };
+        let Some(entry) = cache::decode_entry(bytes, &key.key, tier == CacheTier::L2) else { return Vec::new() };
+        let body = openai::images_body(entry.created, &entry.images, req.response_format, entry.usage);
+        self.cache.state = tier.header_value();
+        let headers = self.common_headers();
+        let mut record = self.log_record(200, now_ms);
+        record.images = entry.images.len() as u32;
+        record.usage = entry.usage;
+        self.done = true;
+        let mut effects = vec![
+            Effect::Reply(Reply { status: 200, headers, body }),
+            Effect::Log(LogLine { level: LogLevel::Info, json: record.to_json() }),
+            Effect::Count(Counter::CacheHits(tier), 1),
+            Effect::Count(Counter::Images, entry.images.len() as u64),
+        ];
+        effects.extend(self.outcome_metrics(Outcome::Success, now_ms));
+        effects
+    }
+
+    /// The L1 write for an entry, if L1 is on and the entry fits.
+    fn l1_store(&self, entry: Rc<Vec<u8>>) -> Option<Vec<Effect>> {
+        let c = self.settings.cache.as_ref()?;
+        let l1 = c.l1.as_ref()?;
+        let key = self.cache.key.as_ref()?;
+        if entry.len() > l1.max_entry_bytes {
+            return Some(vec![Effect::Count(Counter::CacheL1TooLarge, 1)]);
+        }
+        let plan = self.cache.l1_plan.unwrap_or(StorePlan {
+            slot: cache::l1_slots(key, l1.max_entries).first().map_or(0, |s| s.index),
+            evicts: false,
+        });
+        let slot = cache::l1_slot_at(plan.slot);
+        let expires = self.started_ms / 1000 + c.ttl_seconds;
+        let mut effects = vec![
+            Effect::StoreL1 {
+                meta_key: slot.meta_key,
+                meta: cache::encode_l1_meta(&key.key, expires),
+                data_key: slot.data_key,
+                data: entry,
+            },
+            Effect::Count(Counter::CacheStores(CacheTier::L1), 1),
+        ];
+        if plan.evicts {
+            effects.push(Effect::Count(Counter::CacheL1Evictions, 1));
+        }
+        Some(effects)
+    }
+
+    /// The writes for a complete success: L1 now, L2 from the root context.
+    fn store_effects(&self, images: &[ImageView], usage: Option<Usage>, created: u64) -> Vec<Effect> {
+        let (true, Some(key), Some(c)) = (self.cache.store, &self.cache.key, &self.settings.cache) else {
+            return Vec::new();
+        };
+        if c.l1.is_none() && c.l2.is_none() {
+            return Vec::new();
+        }
+        let entry = Rc::new(cache::encode_entry(&key.key, created, usage, images));
+        let mut effects = self.l1_store(entry.clone()).unwrap_or_default();
+        if let Some(l2) = &c.l2 {
+            let mut headers = vec![
+                (":method".to_string(), "PUT".to_string()),
+                (":path".to_string(), cache::l2_path(&key.key)),
+                (":authority".to_string(), l2.authority.clone()),
+                ("content-type".to_string(), "application/octet-stream".to_string()),
+                ("x-cache-ttl-seconds".to_string(), c.ttl_seconds.to_string()),
+            ];
+            if let Some(token) = &l2.token {
+                headers.push(("authorization".to_string(), format!("Bearer {token}")));
+            }
+            let call = HttpCall {
+                cluster: l2.cluster.clone(),
+                headers,
+                body: Vec::new(),
+                timeout_ms: l2.timeout_ms.max(1000),
+            };
+            effects.push(Effect::WriteL2 { call, entry });
+            effects.push(Effect::Count(Counter::CacheStores(CacheTier::L2), 1));
+        }
+        effects
     }
 
     /// Call `index` could not even be dispatched (unknown cluster, host refused).
@@ -210,7 +440,8 @@ impl Exchange {
         for u in calls.iter().flatten().filter_map(|c| c.usage) {
             usage.get_or_insert_with(Usage::default).add(u);
         }
-        let images: Vec<&GeminiImage> = calls.iter().flatten().filter_map(|c| c.result.as_ref().ok()).collect();
+        let images: Vec<ImageView> =
+            calls.iter().flatten().filter_map(|c| c.result.as_ref().ok()).map(GeminiImage::view).collect();
         let failed = calls.len() - images.len();
         if images.is_empty() {
             // All failed: answer with the most telling error.
@@ -228,7 +459,8 @@ impl Exchange {
         let Some(req) = &self.request else {
             return self.fail(ApiError::new(ErrorCode::InternalError, "request state lost"), None, now_ms);
         };
-        let body = openai::images_body(now_ms / 1000, &images, req.response_format, usage);
+        let created = now_ms / 1000;
+        let body = openai::images_body(created, &images, req.response_format, usage);
         let mut headers = self.common_headers();
         if failed > 0 {
             headers.push(("x-images-failed".to_string(), failed.to_string()));
@@ -246,6 +478,10 @@ impl Exchange {
             Effect::Count(Counter::Images, images.len() as u64),
         ];
         effects.extend(self.outcome_metrics(outcome, now_ms));
+        if failed == 0 {
+            // Only complete successes are stored.
+            effects.extend(self.store_effects(&images, usage, created));
+        }
         effects
     }
 
@@ -258,7 +494,9 @@ impl Exchange {
         if let Some(req) = &self.request {
             effects.push(Effect::Count(Counter::ModelRequests(req.variant.name()), 1));
             effects.push(Effect::Count(Counter::SafetyApplied(req.safety), 1));
-            effects.push(Effect::Count(Counter::UpstreamCalls, u64::from(req.n)));
+        }
+        if self.calls_made > 0 {
+            effects.push(Effect::Count(Counter::UpstreamCalls, u64::from(self.calls_made)));
         }
         effects
     }
@@ -293,8 +531,7 @@ impl Exchange {
         record.upstream_status = upstream_status;
         record.outcome = "error";
         record.error = Some(e.code);
-        let failed = self.calls.len().max(self.request.as_ref().map_or(0, |r| r.n as usize));
-        record.failed_calls = if upstream_status.is_some() { failed as u32 } else { 0 };
+        record.failed_calls = if upstream_status.is_some() { self.calls_made } else { 0 };
         let level = if e.code.category() == "USER_ERROR" { LogLevel::Warn } else { LogLevel::Error };
         let mut effects = vec![
             Effect::Reply(Reply { status, headers, body: openai::error_body(&e) }),
@@ -308,19 +545,10 @@ impl Exchange {
         effects
     }
 
-    fn cache_state(&self) -> &'static str {
-        let no_store = self.head.cache_control.as_deref().is_some_and(|c| has_directive(c, "no-store"));
-        if self.settings.cache.is_some() && no_store {
-            "bypass"
-        } else {
-            "miss"
-        }
-    }
-
     fn common_headers(&self) -> Vec<(String, String)> {
         let mut h = vec![
             ("content-type".to_string(), "application/json".to_string()),
-            ("x-image-cache".to_string(), self.cache_state().to_string()),
+            ("x-image-cache".to_string(), self.cache.state.to_string()),
         ];
         if let Some(p) = &self.prompt_hash {
             h.push(("x-image-prompt-hash".to_string(), p.clone()));
@@ -345,7 +573,7 @@ impl Exchange {
             quality: req.and_then(|r| r.quality).map(|q| q.as_str()),
             style: req.and_then(|r| r.style).map(|s| s.as_str()),
             safety: self.safety.map(|s| s.as_str()),
-            cache: self.cache_state(),
+            cache: self.cache.state,
             latency_ms: now_ms.saturating_sub(self.started_ms),
             upstream_latency_ms: self.upstream_started_ms.map(|t| now_ms.saturating_sub(t)),
             upstream_status: None,
@@ -355,6 +583,16 @@ impl Exchange {
             failed_calls: 0,
             usage: None,
         }
+    }
+}
+
+/// `bypass` when a cache is configured and the client said `no-store`, else `miss`.
+fn initial_cache_state(settings: &Settings, head: &RequestHead) -> &'static str {
+    let no_store = head.cache_control.as_deref().is_some_and(|c| has_directive(c, "no-store"));
+    if settings.cache.is_some() && no_store {
+        "bypass"
+    } else {
+        "miss"
     }
 }
 

@@ -71,6 +71,10 @@ pub struct GeminiImage {
 }
 
 impl GeminiImage {
+    pub fn view(&self) -> crate::openai::ImageView<'_> {
+        crate::openai::ImageView { mime_type: &self.mime_type, text: self.text.as_deref(), base64: self.base64() }
+    }
+
     /// The base64 text of the image, as Gemini sent it.
     pub fn base64(&self) -> &[u8] {
         match &self.data {
@@ -188,7 +192,8 @@ fn is_block_finish(reason: &str) -> bool {
         || reason.starts_with("IMAGE_")
 }
 
-fn is_base64(b: &[u8]) -> bool {
+/// Whether `b` is standard padded base64.
+pub fn is_base64(b: &[u8]) -> bool {
     if b.is_empty() || !b.len().is_multiple_of(4) {
         return false;
     }

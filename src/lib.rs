@@ -6,6 +6,7 @@
 //! core's effects into host calls.
 
 pub mod access_log;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod exchange;

@@ -31,6 +31,30 @@ impl Outcome {
     }
 }
 
+/// The two cache tiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheTier {
+    L1,
+    L2,
+}
+
+impl CacheTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheTier::L1 => "l1",
+            CacheTier::L2 => "l2",
+        }
+    }
+
+    /// The `x-image-cache` value of a hit in this tier.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            CacheTier::L1 => "hit-l1",
+            CacheTier::L2 => "hit-l2",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Counter {
     /// Every image request, by how it ended.
@@ -47,6 +71,20 @@ pub enum Counter {
     SafetyBlocks(SafetyLevel),
     /// Requests by the safety level applied.
     SafetyApplied(SafetyLevel),
+    /// Requests answered from the cache, by tier.
+    CacheHits(CacheTier),
+    /// Requests that looked in the cache and went to Gemini.
+    CacheMisses,
+    /// Requests that skipped the cache (`cache-control: no-store`).
+    CacheBypass,
+    /// Entries written, by tier.
+    CacheStores(CacheTier),
+    /// Cache service calls that failed, timed out, or answered garbage (each cost a miss).
+    CacheL2Errors,
+    /// L1 stores that replaced another live entry.
+    CacheL1Evictions,
+    /// Entries over `cache.l1.max_entry_bytes`, kept out of L1.
+    CacheL1TooLarge,
 }
 
 impl Counter {
@@ -59,6 +97,13 @@ impl Counter {
             Counter::Errors(c) => format!("{PREFIX}.errors.code.{}", c.as_str()),
             Counter::SafetyBlocks(l) => format!("{PREFIX}.safety_blocks.level.{}", l.as_str()),
             Counter::SafetyApplied(l) => format!("{PREFIX}.safety_applied.level.{}", l.as_str()),
+            Counter::CacheHits(t) => format!("{PREFIX}.cache_hits.tier.{}", t.as_str()),
+            Counter::CacheMisses => format!("{PREFIX}.cache_misses"),
+            Counter::CacheBypass => format!("{PREFIX}.cache_bypass"),
+            Counter::CacheStores(t) => format!("{PREFIX}.cache_stores.tier.{}", t.as_str()),
+            Counter::CacheL2Errors => format!("{PREFIX}.cache_l2_errors"),
+            Counter::CacheL1Evictions => format!("{PREFIX}.cache_l1_evictions"),
+            Counter::CacheL1TooLarge => format!("{PREFIX}.cache_l1_too_large"),
         }
     }
 
@@ -72,6 +117,17 @@ impl Counter {
         all.extend(ErrorCode::ALL.into_iter().map(Counter::Errors));
         all.extend(levels.into_iter().map(Counter::SafetyBlocks));
         all.extend(levels.into_iter().map(Counter::SafetyApplied));
+        for tier in [CacheTier::L1, CacheTier::L2] {
+            all.push(Counter::CacheHits(tier));
+            all.push(Counter::CacheStores(tier));
+        }
+        all.extend([
+            Counter::CacheMisses,
+            Counter::CacheBypass,
+            Counter::CacheL2Errors,
+            Counter::CacheL1Evictions,
+            Counter::CacheL1TooLarge,
+        ]);
         all
     }
 }

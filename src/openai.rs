@@ -3,12 +3,21 @@
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::gemini::{GeminiImage, Usage};
+use crate::gemini::Usage;
 use crate::request::ResponseFormat;
 
+/// One image as the answer needs it, wherever it came from (Gemini or the cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageView<'a> {
+    pub mime_type: &'a str,
+    /// The model's text, OpenAI's `revised_prompt`.
+    pub text: Option<&'a str>,
+    pub base64: &'a [u8],
+}
+
 /// The success body, written straight into one buffer so the base64 is copied once.
-pub fn images_body(created: u64, images: &[&GeminiImage], format: ResponseFormat, usage: Option<Usage>) -> Vec<u8> {
-    let payload: usize = images.iter().map(|i| i.base64().len() + 64).sum();
+pub fn images_body(created: u64, images: &[ImageView], format: ResponseFormat, usage: Option<Usage>) -> Vec<u8> {
+    let payload: usize = images.iter().map(|i| i.base64.len() + 64).sum();
     let mut out = Vec::with_capacity(payload + 256);
     out.extend_from_slice(b"{\"created\":");
     out.extend_from_slice(created.to_string().as_bytes());
@@ -21,13 +30,13 @@ pub fn images_body(created: u64, images: &[&GeminiImage], format: ResponseFormat
             ResponseFormat::B64Json => out.extend_from_slice(b"{\"b64_json\":\""),
             ResponseFormat::Url => {
                 out.extend_from_slice(b"{\"url\":\"data:");
-                push_json_inner(&mut out, &image.mime_type);
+                push_json_inner(&mut out, image.mime_type);
                 out.extend_from_slice(b";base64,");
             }
         }
-        out.extend_from_slice(image.base64());
+        out.extend_from_slice(image.base64);
         out.push(b'"');
-        if let Some(text) = &image.text {
+        if let Some(text) = image.text {
             out.extend_from_slice(b",\"revised_prompt\":");
             out.extend_from_slice(json!(text).to_string().as_bytes());
         }
@@ -76,6 +85,8 @@ mod tests {
     use crate::gemini::{read_call, CallResponse};
     use serde_json::Value;
 
+    use crate::gemini::GeminiImage;
+
     fn image(text: Option<&str>) -> GeminiImage {
         let t = text.map(|t| format!(r#"{{"text":{}}},"#, json!(t))).unwrap_or_default();
         let body = format!(
@@ -89,7 +100,7 @@ mod tests {
         let a = image(Some("a \"quoted\" cat"));
         let b = image(None);
         let usage = Usage { input_tokens: 3, output_tokens: 5, total_tokens: 8 };
-        let body = images_body(1700000000, &[&a, &b], ResponseFormat::B64Json, Some(usage));
+        let body = images_body(1700000000, &[a.view(), b.view()], ResponseFormat::B64Json, Some(usage));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["created"], 1700000000);
         assert_eq!(v["data"][0]["b64_json"], "QUJD");
@@ -98,7 +109,7 @@ mod tests {
         assert_eq!(v["usage"]["input_tokens"], 3);
         assert_eq!(v["usage"]["output_tokens"], 5);
         assert_eq!(v["usage"]["total_tokens"], 8);
-        let body = images_body(1, &[&b], ResponseFormat::Url, None);
+        let body = images_body(1, &[b.view()], ResponseFormat::Url, None);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["data"][0]["url"], "data:image/png;base64,QUJD");
         assert!(v.get("usage").is_none());

@@ -5,9 +5,10 @@ import uuid
 
 import pytest
 
-from harness import Envoy, FakeGemini, free_port, http
+from harness import CacheService, Envoy, FakeGemini, free_port, http
 
 API_KEY = "test-key-0123456789"
+CACHE_TOKEN = "cache-token-0123456789"
 
 
 def pytest_configure(config):
@@ -46,7 +47,14 @@ def _listener_configs(base):
 
 
 @pytest.fixture(scope="session")
-def envoy(workdir, fake):
+def cache_service(workdir):
+    c = CacheService(workdir, token=CACHE_TOKEN)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def envoy(workdir, fake, cache_service):
     import render_envoy
     base = render_envoy.plugin_config(render_envoy.render()["static_resources"]["listeners"][0])
     dead_port = free_port()  # nothing listens there
@@ -55,9 +63,10 @@ def envoy(workdir, fake):
         workdir,
         fake_gemini="127.0.0.1:%d" % fake.port,
         app="127.0.0.1:%d" % fake.port,
+        image_cache="127.0.0.1:%d" % cache_service.port,
         extra_listeners=extra,
         extra_clusters=[("dead", "127.0.0.1", dead_port)],
-        env_extra={"GEMINI_API_KEY": API_KEY, "WRONG_GEMINI_KEY": "not-the-key"},
+        env_extra={"GEMINI_API_KEY": API_KEY, "WRONG_GEMINI_KEY": "not-the-key", "IMAGE_CACHE_TOKEN": CACHE_TOKEN},
     )
     yield e
     e.stop()
@@ -66,6 +75,7 @@ def envoy(workdir, fake):
     # Everything the suite sent went through this Envoy: nothing of it may be in any log.
     assert_no_secrets(log, "Envoy")
     assert_no_secrets(fake.process.output(), "fake-gemini")
+    assert_no_secrets(cache_service.process.output(), "cache-service")
 
 
 # Every prompt the suite sends holds this canary; at the end no log may hold it (issue 3).
@@ -78,7 +88,8 @@ def unique(prefix="p"):
 
 
 def assert_no_secrets(text, where):
-    for secret, what in [(CANARY, "a prompt"), (USER, "a user"), (API_KEY, "the API key"), ("not-the-key", "a key")]:
+    for secret, what in [(CANARY, "a prompt"), (USER, "a user"), (API_KEY, "the API key"), ("not-the-key", "a key"),
+                         (CACHE_TOKEN, "the cache token")]:
         assert secret not in text, "%s logged %s" % (where, what)
 
 

@@ -17,6 +17,7 @@ import render_envoy  # noqa: E402
 
 WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "gemini_image_filter.wasm")
 FAKE_GEMINI = os.path.join(ROOT, "target", "release", "fake-gemini")
+CACHE_SERVICE = os.path.join(ROOT, "target", "release", "cache-service")
 
 
 def envoy_bin():
@@ -108,6 +109,57 @@ class FakeGemini:
             if needle in text:
                 out.append(r)
         return out
+
+    def stop(self):
+        self.process.stop()
+
+
+class CacheService:
+    """cache-service on a free port, on disk (default) or Redis."""
+
+    def __init__(self, workdir, name="cache-service", token=None, redis_url=None, max_bytes=256 * 1024 * 1024, dir=None):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.token = token
+        self.dir = dir or os.path.join(workdir, name + "-data")
+        self.args = ["--listen", "127.0.0.1:%d" % self.port]
+        self.args += ["--redis", redis_url] if redis_url else ["--dir", self.dir, "--max-bytes", str(max_bytes)]
+        self.workdir, self.name = workdir, name
+        self.start()
+
+    def start(self):
+        env = dict(os.environ)
+        env.pop("IMAGE_CACHE_TOKEN", None)
+        if self.token:
+            env["IMAGE_CACHE_TOKEN"] = self.token
+        self.process = Process(self.name, [CACHE_SERVICE] + self.args, os.path.join(self.workdir, self.name + ".log"), env=env,
+                               ready=lambda: http("GET", self.url + "/healthz", timeout=1)[0] == 200)
+
+    def headers(self):
+        return {"authorization": "Bearer " + self.token} if self.token else {}
+
+    def stats(self):
+        return json.loads(http("GET", self.url + "/v1/stats", headers=self.headers())[2])
+
+    def stop(self):
+        self.process.stop()
+
+
+class Redis:
+    def __init__(self, workdir):
+        import shutil
+        self.binary = shutil.which("redis-server")
+        if not self.binary:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+        def ready():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                return c.recv(16).startswith(b"+PONG")
+        self.process = Process("redis", cmd, os.path.join(workdir, "redis.log"), ready=ready)
 
     def stop(self):
         self.process.stop()

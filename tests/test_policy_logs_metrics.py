@@ -66,7 +66,7 @@ def envoy_env_high(workdir, fake):
     """An Envoy whose VM environment sets GEMINI_IMAGE_SAFETY_THRESHOLD=high; its main listener's
     config says LOW, so the environment must win."""
     e = Envoy(workdir, name="envoy-env", fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
-              plugin_patch={"safety": {"default": "LOW"}},
+              plugin_patch={"safety": {"default": "LOW"}, "cache": None},
               env_extra={"GEMINI_API_KEY": API_KEY, "GEMINI_IMAGE_SAFETY_THRESHOLD": "high"})
     yield e
     e.stop()
@@ -181,7 +181,7 @@ def test_header_and_log_carry_the_same_prompt_hash(client, envoy):
 @pytest.fixture(scope="module")
 def envoy_metrics(workdir, fake):
     e = Envoy(workdir, name="envoy-metrics", fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
-              env_extra={"GEMINI_API_KEY": API_KEY})
+              plugin_patch={"cache": None}, env_extra={"GEMINI_API_KEY": API_KEY})
     yield e
     e.stop()
 

@@ -87,3 +87,19 @@ pub fn increment(id: u32, by: u64) {
 pub fn record(id: u32, value: u64) {
     let _ = hostcalls::record_metric(id, value);
 }
+
+pub fn set_tick(period: Duration) {
+    let _ = hostcalls::set_tick_period(period);
+}
+
+pub fn shared_get(key: &str) -> Option<Vec<u8>> {
+    match hostcalls::get_shared_data(key) {
+        Ok((Some(v), _)) if !v.is_empty() => Some(v),
+        _ => None,
+    }
+}
+
+/// Sets a shared-data value; false when the host refused.
+pub fn shared_set(key: &str, value: &[u8]) -> bool {
+    hostcalls::set_shared_data(key, Some(value), None).is_ok()
+}

@@ -1,0 +1,410 @@
+//! The response cache (contract section 7), host-free: keys, the entry format shared by L1
+//! and L2, and L1's bounded slots in Envoy shared data.
+//!
+//! An entry is a complete success kept in a format-neutral form (base64 images, their texts,
+//! usage), so a request for `url` can be served from an entry stored for `b64_json`.
+
+use sha2::{Digest, Sha256};
+
+use crate::gemini::Usage;
+use crate::hash::hex;
+use crate::openai::ImageView;
+use crate::request::ImageRequest;
+
+const ENTRY_MAGIC: &[u8; 4] = b"GIE1";
+const NO_TEXT: u32 = u32::MAX;
+
+/// A cache key: `img:{variant}:{quality}:{style}:{sha256 hex}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheKey {
+    pub key: String,
+    /// The first 8 bytes of the hash, which pick the L1 slot.
+    pub slot_seed: u64,
+}
+
+/// The key of a request: the hash covers everything that changes what Gemini gets (upstream
+/// model, final prompt, ratio, image size, n, each category's threshold), so two requests share
+/// an entry only if Gemini would get identical calls.
+pub fn cache_key(req: &ImageRequest, upstream_model: &str) -> CacheKey {
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: &[u8]| {
+        h.update(name.as_bytes());
+        h.update((value.len() as u64).to_be_bytes());
+        h.update(value);
+    };
+    field("v", b"1");
+    field("model", upstream_model.as_bytes());
+    field("prompt", req.final_prompt.as_bytes());
+    field("ratio", req.ratio.as_str().as_bytes());
+    field("image_size", req.image_size.map_or("", |s| s.as_str()).as_bytes());
+    field("n", req.n.to_string().as_bytes());
+    for category in crate::safety::HARM_CATEGORIES {
+        field(category, req.safety.gemini_threshold().as_bytes());
+    }
+    let digest = h.finalize();
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&digest[..8]);
+    let key = format!(
+        "img:{}:{}:{}:{}",
+        req.variant.name(),
+        req.quality.map_or("auto", |q| q.as_str()),
+        req.style.map_or("none", |s| s.as_str()),
+        hex(&digest)
+    );
+    CacheKey { key, slot_seed: u64::from_be_bytes(seed) }
+}
+
+/// A decoded entry, borrowing from the bytes it was read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub key: &'a str,
+    pub created: u64,
+    pub usage: Option<Usage>,
+    pub images: Vec<ImageView<'a>>,
+}
+
+/// Writes an entry. `images` must be non-empty.
+pub fn encode_entry(key: &str, created: u64, usage: Option<Usage>, images: &[ImageView]) -> Vec<u8> {
+    let payload: usize =
+        images.iter().map(|i| i.base64.len() + i.mime_type.len() + i.text.map_or(0, str::len) + 10).sum();
+    let mut out = Vec::with_capacity(payload + key.len() + 64);
+    out.extend_from_slice(ENTRY_MAGIC);
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&created.to_be_bytes());
+    match usage {
+        Some(u) => {
+            out.push(1);
+            for v in [u.input_tokens, u.output_tokens, u.total_tokens] {
+                out.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&(images.len() as u32).to_be_bytes());
+    for i in images {
+        out.extend_from_slice(&(i.mime_type.len() as u32).to_be_bytes());
+        out.extend_from_slice(i.mime_type.as_bytes());
+        match i.text {
+            Some(t) => {
+                out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+                out.extend_from_slice(t.as_bytes());
+            }
+            None => out.extend_from_slice(&NO_TEXT.to_be_bytes()),
+        }
+        out.extend_from_slice(&(i.base64.len() as u32).to_be_bytes());
+        out.extend_from_slice(i.base64);
+    }
+    out
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let s = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(s)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn str(&mut self, n: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+}
+
+/// Reads an entry; `None` for anything that is not a whole, well-formed entry for `key`.
+/// `check_base64` also scans the images (for entries from outside the process: L2).
+pub fn decode_entry<'a>(bytes: &'a [u8], key: &str, check_base64: bool) -> Option<Entry<'a>> {
+    let mut r = Reader { bytes, at: 0 };
+    if r.take(4)? != ENTRY_MAGIC {
+        return None;
+    }
+    let key_len = r.u32()? as usize;
+    let stored_key = r.str(key_len)?;
+    if stored_key != key {
+        return None;
+    }
+    let created = r.u64()?;
+    let usage = match r.take(1)?[0] {
+        0 => None,
+        1 => Some(Usage { input_tokens: r.u64()?, output_tokens: r.u64()?, total_tokens: r.u64()? }),
+        _ => return None,
+    };
+    let count = r.u32()? as usize;
+    if count == 0 || count > 16 {
+        return None;
+    }
+    let mut images = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mime_len = r.u32()? as usize;
+        let mime_type = r.str(mime_len)?;
+        if !mime_type.starts_with("image/") || mime_type.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            return None;
+        }
+        let text_len = r.u32()?;
+        let text = if text_len == NO_TEXT { None } else { Some(r.str(text_len as usize)?) };
+        let b64_len = r.u32()? as usize;
+        let base64 = r.take(b64_len)?;
+        if check_base64 && !crate::gemini::is_base64(base64) {
+            return None;
+        }
+        images.push(ImageView { mime_type, text, base64 });
+    }
+    if r.at != bytes.len() {
+        return None;
+    }
+    Some(Entry { key: stored_key, created, usage, images })
+}
+
+/// L1: `max_entries` fixed slots in Envoy shared data, two-way set-associative: a key may live
+/// in either of two slots picked by its hash, so two hot keys that share one slot do not evict
+/// each other. Slot `i` is two shared-data keys: a small `meta` (expiry and cache key, read
+/// first so that a mismatch costs no big copy) and `data` (the entry, whose own key is checked
+/// again, so a torn pair is a miss). Memory: at most `max_entries` x (`max_entry_bytes` + meta).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L1Slot {
+    pub index: u32,
+    pub meta_key: String,
+    pub data_key: String,
+}
+
+pub fn l1_slot_at(index: u32) -> L1Slot {
+    L1Slot {
+        index,
+        meta_key: format!("gemini_image.l1.{index}.meta"),
+        data_key: format!("gemini_image.l1.{index}.data"),
+    }
+}
+
+/// The one or two slots a key may live in.
+pub fn l1_slots(key: &CacheKey, max_entries: u32) -> Vec<L1Slot> {
+    let n = u64::from(max_entries.max(1));
+    let first = (key.slot_seed % n) as u32;
+    let second = ((key.slot_seed >> 32).wrapping_mul(0x9e37_79b9) % n) as u32;
+    if second == first {
+        vec![l1_slot_at(first)]
+    } else {
+        vec![l1_slot_at(first), l1_slot_at(second)]
+    }
+}
+
+pub fn encode_l1_meta(key: &str, expires_at_s: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 8);
+    out.extend_from_slice(&expires_at_s.to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+/// What a slot's meta says about `key` at `now_s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Holds `key`, not expired: read the data.
+    Fresh,
+    /// Empty, expired, or unreadable: storing there evicts nothing live.
+    Free,
+    /// Holds another live key, expiring at this time: storing there evicts it.
+    Taken(u64),
+}
+
+pub fn l1_slot_state(meta: Option<&[u8]>, key: &str, now_s: u64) -> SlotState {
+    let Some(meta) = meta.filter(|m| m.len() > 8) else { return SlotState::Free };
+    let mut expiry = [0u8; 8];
+    expiry.copy_from_slice(&meta[..8]);
+    let expiry = u64::from_be_bytes(expiry);
+    if expiry <= now_s {
+        return SlotState::Free;
+    }
+    if &meta[8..] == key.as_bytes() {
+        SlotState::Fresh
+    } else {
+        SlotState::Taken(expiry)
+    }
+}
+
+/// Where a miss should be stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StorePlan {
+    pub slot: u32,
+    /// Storing there replaces another live entry.
+    pub evicts: bool,
+}
+
+/// What an L1 lookup found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L1Read {
+    Hit(Vec<u8>),
+    Miss(StorePlan),
+}
+
+/// Looks `key` up through `read` (a shared-data getter). On a miss, says where to store: a
+/// free candidate, else the one whose entry expires first.
+pub fn l1_lookup(
+    read: &mut dyn FnMut(&str) -> Option<Vec<u8>>,
+    key: &CacheKey,
+    max_entries: u32,
+    now_s: u64,
+) -> L1Read {
+    let mut plan: Option<(StorePlan, u64)> = None;
+    for slot in l1_slots(key, max_entries) {
+        let (candidate, expiry) = match l1_slot_state(read(&slot.meta_key).as_deref(), &key.key, now_s) {
+            SlotState::Fresh => match read(&slot.data_key) {
+                Some(data) if decode_entry(&data, &key.key, false).is_some() => return L1Read::Hit(data),
+                _ => (StorePlan { slot: slot.index, evicts: false }, 0),
+            },
+            SlotState::Free => (StorePlan { slot: slot.index, evicts: false }, 0),
+            SlotState::Taken(expiry) => (StorePlan { slot: slot.index, evicts: true }, expiry),
+        };
+        if plan.is_none_or(|(p, e)| p.evicts && (!candidate.evicts || expiry < e)) {
+            plan = Some((candidate, expiry));
+        }
+    }
+    let fallback = StorePlan { slot: l1_slots(key, max_entries).first().map_or(0, |s| s.index), evicts: false };
+    L1Read::Miss(plan.map_or(fallback, |(p, _)| p))
+}
+
+/// The path of a key at the cache service.
+pub fn l2_path(key: &str) -> String {
+    format!("/v1/cache/{key}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::request::parse_request;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    fn req(v: serde_json::Value) -> ImageRequest {
+        let s = Settings::from_json(b"{}", &|_| None).unwrap();
+        parse_request(v.to_string().as_bytes(), &s).unwrap()
+    }
+
+    fn key(v: serde_json::Value) -> String {
+        cache_key(&req(v), "gemini-3-pro-image-preview").key
+    }
+
+    #[test]
+    fn keys_have_the_contract_shape() {
+        let k = key(json!({"prompt": "a cat", "quality": "hd", "style": "vivid", "model": "gemini-3-pro-image-16x9"}));
+        let parts: Vec<&str> = k.split(':').collect();
+        assert_eq!(&parts[..4], &["img", "gemini-3-pro-image-16x9", "hd", "vivid"]);
+        assert_eq!(parts[4].len(), 64);
+        assert!(parts[4].bytes().all(|b| b.is_ascii_hexdigit()));
+        let k = key(json!({"prompt": "a cat"}));
+        assert!(k.starts_with("img:gemini-3-pro-image:auto:none:"), "{k}");
+    }
+
+    #[test]
+    fn everything_that_changes_the_gemini_call_changes_the_key() {
+        let base = json!({"prompt": "a cat", "n": 1});
+        let k0 = key(base.clone());
+        let variants = [
+            json!({"prompt": "a dog", "n": 1}),
+            json!({"prompt": "a cat", "n": 2}),
+            json!({"prompt": "a cat", "n": 1, "size": "1792x1024"}),
+            json!({"prompt": "a cat", "n": 1, "image_size": "2K"}),
+            json!({"prompt": "a cat", "n": 1, "safety_threshold": "LOW"}),
+            json!({"prompt": "a cat", "n": 1, "style": "vivid"}),
+            json!({"prompt": "a cat", "n": 1, "aspect_ratio": "4:5"}),
+        ];
+        let mut seen = vec![k0.clone()];
+        for v in variants {
+            let k = key(v.clone());
+            assert!(!seen.contains(&k), "{v} shares a key");
+            seen.push(k);
+        }
+        assert_ne!(k0, cache_key(&req(base.clone()), "another-model").key);
+        // What Gemini does not see does not change the key.
+        assert_eq!(k0, key(json!({"prompt": "a cat", "n": 1, "response_format": "url", "user": "u"})));
+        assert_eq!(k0, key(json!({"prompt": "a cat", "size": "1024x1024"})));
+    }
+
+    fn sample<'a>() -> Vec<ImageView<'a>> {
+        vec![
+            ImageView { mime_type: "image/png", text: Some("a \"cat\""), base64: b"QUJD" },
+            ImageView { mime_type: "image/png", text: None, base64: b"REVG" },
+        ]
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let usage = Some(Usage { input_tokens: 1, output_tokens: 2, total_tokens: 3 });
+        let bytes = encode_entry("img:k", 99, usage, &sample());
+        let e = decode_entry(&bytes, "img:k", true).unwrap();
+        assert_eq!(e, Entry { key: "img:k", created: 99, usage, images: sample() });
+        assert_eq!(decode_entry(&bytes, "img:other", true), None, "an entry for another key is a miss");
+    }
+
+    #[test]
+    fn damaged_entries_are_misses() {
+        let bytes = encode_entry("img:k", 99, None, &sample());
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_entry(&bytes[..cut], "img:k", true), None, "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode_entry(&longer, "img:k", true), None);
+        let bad = encode_entry("img:k", 1, None, &[ImageView { mime_type: "image/png", text: None, base64: b"no!" }]);
+        assert_eq!(decode_entry(&bad, "img:k", true), None);
+        assert!(decode_entry(&bad, "img:k", false).is_some());
+        assert_eq!(decode_entry(b"garbage garbage garbage", "img:k", true), None);
+        assert_eq!(decode_entry(&encode_entry("img:k", 1, None, &[]), "img:k", true), None);
+    }
+
+    #[test]
+    fn l1_lookup_reads_meta_first_and_checks_expiry() {
+        use std::cell::RefCell;
+        let k = cache_key(&req(json!({"prompt": "a cat"})), "m");
+        let slots = l1_slots(&k, 64);
+        assert_eq!(slots.len(), 2);
+        let (a, b) = (&slots[0], &slots[1]);
+        let store: RefCell<HashMap<String, Vec<u8>>> = RefCell::new(HashMap::new());
+        let reads: RefCell<Vec<String>> = RefCell::new(Vec::new());
+        let lookup = |now: u64| {
+            let mut get = |name: &str| {
+                reads.borrow_mut().push(name.to_string());
+                store.borrow().get(name).cloned()
+            };
+            l1_lookup(&mut get, &k, 64, now)
+        };
+        assert_eq!(lookup(100), L1Read::Miss(StorePlan { slot: a.index, evicts: false }));
+        let entry = encode_entry(&k.key, 1, None, &sample());
+        store.borrow_mut().insert(b.meta_key.clone(), encode_l1_meta(&k.key, 200));
+        store.borrow_mut().insert(b.data_key.clone(), entry.clone());
+        assert_eq!(lookup(100), L1Read::Hit(entry.clone()), "found in the second way");
+        assert_eq!(lookup(200), L1Read::Miss(StorePlan { slot: a.index, evicts: false }), "expired");
+        store.borrow_mut().insert(a.meta_key.clone(), encode_l1_meta("img:x", 300));
+        store.borrow_mut().insert(b.meta_key.clone(), encode_l1_meta("img:y", 250));
+        reads.borrow_mut().clear();
+        assert_eq!(lookup(100), L1Read::Miss(StorePlan { slot: b.index, evicts: true }), "evict what expires first");
+        assert_eq!(*reads.borrow(), vec![a.meta_key.clone(), b.meta_key.clone()], "a mismatch never copies data");
+        store.borrow_mut().insert(b.meta_key.clone(), encode_l1_meta("img:y", 50));
+        assert_eq!(lookup(100), L1Read::Miss(StorePlan { slot: b.index, evicts: false }), "a free way first");
+        // A torn pair (meta for k, data for another key) is a miss.
+        store.borrow_mut().insert(a.meta_key.clone(), encode_l1_meta(&k.key, 200));
+        store.borrow_mut().insert(a.data_key.clone(), encode_entry("img:another", 1, None, &sample()));
+        assert!(matches!(lookup(100), L1Read::Miss(_)));
+    }
+
+    #[test]
+    fn slots_stay_within_max_entries() {
+        for i in 0..200 {
+            let k = cache_key(&req(json!({"prompt": format!("p{i}")})), "m");
+            for slot in l1_slots(&k, 3) {
+                assert!(slot.index < 3);
+                assert_eq!(slot.meta_key, format!("gemini_image.l1.{}.meta", slot.index));
+            }
+            assert_eq!(l1_slots(&k, 1).len(), 1);
+        }
+    }
+}
