@@ -126,11 +126,12 @@ impl Default for RawCache {
 struct RawL1 {
     max_entries: u32,
     max_entry_bytes: usize,
+    hot_bytes: usize,
 }
 
 impl Default for RawL1 {
     fn default() -> Self {
-        RawL1 { max_entries: 64, max_entry_bytes: 16 * 1024 * 1024 }
+        RawL1 { max_entries: 64, max_entry_bytes: 16 * 1024 * 1024, hot_bytes: 32 * 1024 * 1024 }
     }
 }
 
@@ -184,6 +185,8 @@ pub struct Styles {
 pub struct L1Settings {
     pub max_entries: u32,
     pub max_entry_bytes: usize,
+    /// Bytes of rendered answers each worker keeps in its VM in front of shared data; 0: off.
+    pub hot_bytes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -331,7 +334,11 @@ impl Settings {
                         if l1.max_entry_bytes == 0 {
                             return Err("cache.l1.max_entry_bytes must be at least 1".into());
                         }
-                        Some(L1Settings { max_entries: l1.max_entries, max_entry_bytes: l1.max_entry_bytes })
+                        Some(L1Settings {
+                            max_entries: l1.max_entries,
+                            max_entry_bytes: l1.max_entry_bytes,
+                            hot_bytes: l1.hot_bytes,
+                        })
                     }
                 };
                 let l2 = match c.l2 {
@@ -434,7 +441,7 @@ mod tests {
         let s = Settings::from_json(json, &env).unwrap();
         assert_eq!(s.gemini.api_key.as_deref(), Some("k-123"));
         let cache = s.cache.unwrap();
-        assert_eq!(cache.l1, Some(L1Settings { max_entries: 64, max_entry_bytes: 16_777_216 }));
+        assert_eq!(cache.l1, Some(L1Settings { max_entries: 64, max_entry_bytes: 16_777_216, hot_bytes: 33_554_432 }));
         assert_eq!(cache.l2.unwrap().token.as_deref(), Some("tok"));
         assert!(s.warnings.is_empty());
     }

@@ -9,9 +9,10 @@ use crate::cache::{self, CacheKey, L1Read, StorePlan};
 use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::gemini::{self, CallOutcome, CallResponse, GeminiImage, Usage};
+use crate::hot::HotEntry;
 use crate::metrics::{CacheTier, Counter, Histogram, Outcome};
 use crate::openai::{self, ImageView};
-use crate::request::{self, ImageRequest};
+use crate::request::{self, ImageRequest, ResponseFormat};
 use crate::safety::SafetyLevel;
 
 /// What the filter keeps of the request headers (they cannot be read after the headers phase).
@@ -37,7 +38,8 @@ pub struct HttpCall {
 pub struct Reply {
     pub status: u32,
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    /// Shared so that the hot set can keep it without a copy.
+    pub body: Rc<Vec<u8>>,
 }
 
 impl Reply {
@@ -61,10 +63,18 @@ pub enum Effect {
     },
     Reply(Reply),
     Log(LogLine),
-    /// Look the key up in L1 (shared data) now; the answer comes back as `on_l1_result`.
+    /// Look the key up in L1 now: the worker's hot set (answer: `on_l1_hot`), then shared
+    /// data (answer: `on_l1_result`).
     LookupL1 {
         key: CacheKey,
         max_entries: u32,
+        format: ResponseFormat,
+    },
+    /// Keep a rendered answer in the worker's hot set.
+    RememberHot {
+        key: String,
+        format: ResponseFormat,
+        entry: HotEntry,
     },
     /// Write an entry to an L1 slot: `data` first, then `meta`.
     StoreL1 {
@@ -198,7 +208,8 @@ impl Exchange {
         self.request = Some(req);
         match (&self.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
             (Some(key), Some(l1)) if self.cache.lookup => {
-                vec![Effect::LookupL1 { key: key.clone(), max_entries: l1.max_entries }]
+                let format = self.request.as_ref().map_or(ResponseFormat::B64Json, |r| r.response_format);
+                vec![Effect::LookupL1 { key: key.clone(), max_entries: l1.max_entries, format }]
             }
             _ => self.after_l1(now_ms),
         }
@@ -233,6 +244,39 @@ impl Exchange {
                 self.after_l1(now_ms)
             }
         }
+    }
+
+    /// The worker's hot set had the rendered answer.
+    pub fn on_l1_hot(&mut self, hot: HotEntry, now_ms: u64) -> Vec<Effect> {
+        if self.done {
+            return Vec::new();
+        }
+        self.cache.state = CacheTier::L1.header_value();
+        let headers = self.common_headers();
+        let mut record = self.log_record(200, now_ms);
+        record.images = hot.images;
+        record.usage = hot.usage;
+        self.done = true;
+        let mut effects = vec![
+            Effect::Reply(Reply { status: 200, headers, body: hot.body }),
+            Effect::Log(LogLine { level: LogLevel::Info, json: record.to_json() }),
+            Effect::Count(Counter::CacheHits(CacheTier::L1), 1),
+            Effect::Count(Counter::Images, u64::from(hot.images)),
+        ];
+        effects.extend(self.outcome_metrics(Outcome::Success, now_ms));
+        effects
+    }
+
+    /// The hot-set effect for an answer just rendered, when L1 is on.
+    fn remember(&self, body: &Rc<Vec<u8>>, images: u32, usage: Option<Usage>) -> Option<Effect> {
+        let c = self.settings.cache.as_ref()?;
+        c.l1.as_ref()?;
+        let (key, req) = (self.cache.key.as_ref()?, self.request.as_ref()?);
+        Some(Effect::RememberHot {
+            key: key.key.clone(),
+            format: req.response_format,
+            entry: HotEntry { body: body.clone(), images, usage, expires_at_s: self.started_ms / 1000 + c.ttl_seconds },
+        })
     }
 
     /// After an L1 miss (or with no L1): ask L2, or go to Gemini.
@@ -326,8 +370,11 @@ impl Exchange {
     /// Answers from a cache entry; empty when the entry does not read back.
     fn serve_entry(&mut self, bytes: &[u8], tier: CacheTier, now_ms: u64) -> Vec<Effect> {
         let (Some(key), Some(req)) = (&self.cache.key, &self.request) else { return Vec::new() };
-        let Some(entry) = cache::decode_entry(bytes, &key.key, tier == CacheTier::L2) else { return Vec::new() };
-        let body = openai::images_body(entry.created, &entry.images, req.response_format, entry.usage);
+        // Entries are written only by this filter; the magic, the lengths and the key inside
+        // catch garbage, truncation and mix-ups without scanning megabytes of base64 again.
+        let Some(entry) = cache::decode_entry(bytes, &key.key, false) else { return Vec::new() };
+        let body = Rc::new(openai::images_body(entry.created, &entry.images, req.response_format, entry.usage));
+        let remember = self.remember(&body, entry.images.len() as u32, entry.usage);
         self.cache.state = tier.header_value();
         let headers = self.common_headers();
         let mut record = self.log_record(200, now_ms);
@@ -340,6 +387,7 @@ impl Exchange {
             Effect::Count(Counter::CacheHits(tier), 1),
             Effect::Count(Counter::Images, entry.images.len() as u64),
         ];
+        effects.extend(remember);
         effects.extend(self.outcome_metrics(Outcome::Success, now_ms));
         effects
     }
@@ -460,7 +508,7 @@ impl Exchange {
             return self.fail(ApiError::new(ErrorCode::InternalError, "request state lost"), None, now_ms);
         };
         let created = now_ms / 1000;
-        let body = openai::images_body(created, &images, req.response_format, usage);
+        let body = Rc::new(openai::images_body(created, &images, req.response_format, usage));
         let mut headers = self.common_headers();
         if failed > 0 {
             headers.push(("x-images-failed".to_string(), failed.to_string()));
@@ -478,8 +526,11 @@ impl Exchange {
             Effect::Count(Counter::Images, images.len() as u64),
         ];
         effects.extend(self.outcome_metrics(outcome, now_ms));
-        if failed == 0 {
+        if failed == 0 && self.cache.store {
             // Only complete successes are stored.
+            if let Some(Effect::Reply(reply)) = effects.first() {
+                effects.extend(self.remember(&reply.body, images.len() as u32, usage));
+            }
             effects.extend(self.store_effects(&images, usage, created));
         }
         effects
@@ -534,7 +585,7 @@ impl Exchange {
         record.failed_calls = if upstream_status.is_some() { self.calls_made } else { 0 };
         let level = if e.code.category() == "USER_ERROR" { LogLevel::Warn } else { LogLevel::Error };
         let mut effects = vec![
-            Effect::Reply(Reply { status, headers, body: openai::error_body(&e) }),
+            Effect::Reply(Reply { status, headers, body: Rc::new(openai::error_body(&e)) }),
             Effect::Log(LogLine { level, json: record.to_json() }),
             Effect::Count(Counter::Errors(e.code), 1),
         ];

@@ -320,6 +320,7 @@ fn cache_header_says_bypass_only_when_a_cache_exists() {
 /// A tiny host for cache tests: shared data in a map, L2 and Gemini answered by closures.
 struct FakeHost {
     shared: std::collections::HashMap<String, Vec<u8>>,
+    hot: crate::hot::HotSet,
     l2: Box<dyn FnMut(&HttpCall) -> CallResponse>,
     l2_writes: Vec<(HttpCall, Rc<Vec<u8>>)>,
     gemini_calls: u32,
@@ -331,6 +332,7 @@ impl FakeHost {
     fn new() -> FakeHost {
         FakeHost {
             shared: Default::default(),
+            hot: crate::hot::HotSet::new(1 << 20),
             l2: Box::new(|_| CallResponse { status: Some(404), ..Default::default() }),
             l2_writes: Vec::new(),
             gemini_calls: 0,
@@ -353,10 +355,17 @@ impl FakeHost {
             let effect = queue.remove(0);
             self.effects.push(effect.clone());
             let more = match effect {
-                Effect::LookupL1 { key, max_entries } => {
-                    let shared = &self.shared;
-                    let mut get = |k: &str| shared.get(k).cloned();
-                    ex.on_l1_result(crate::cache::l1_lookup(&mut get, &key, max_entries, 1_000), 1_000_002)
+                Effect::LookupL1 { key, max_entries, format } => match self.hot.get(&key.key, format, 1_000) {
+                    Some(hot) => ex.on_l1_hot(hot, 1_000_002),
+                    None => {
+                        let shared = &self.shared;
+                        let mut get = |k: &str| shared.get(k).cloned();
+                        ex.on_l1_result(crate::cache::l1_lookup(&mut get, &key, max_entries, 1_000), 1_000_002)
+                    }
+                },
+                Effect::RememberHot { key, format, entry } => {
+                    self.hot.put(&key, format, entry);
+                    vec![]
                 }
                 Effect::StoreL1 { meta_key, meta, data_key, data } => {
                     self.shared.insert(data_key, data.as_ref().clone());
@@ -561,4 +570,22 @@ fn the_l2_token_goes_in_authorization() {
     });
     host.request(&s, json!({"prompt": "p"}), None);
     assert!(host.l2_writes[0].0.headers.contains(&("authorization".to_string(), "Bearer s3cret".to_string())));
+}
+
+#[test]
+fn the_hot_set_answers_without_shared_data_and_keeps_formats_apart() {
+    let s = cached_settings("");
+    let mut host = FakeHost::new();
+    let miss = host.request(&s, json!({"prompt": "hot"}), None);
+    assert_eq!(host.hot.used_bytes(), miss.body.len(), "the miss's answer is kept rendered");
+    host.shared.clear();
+    let hit = host.request(&s, json!({"prompt": "hot"}), None);
+    assert_eq!(hit.header("x-image-cache"), Some("hit-l1"));
+    assert!(Rc::ptr_eq(&hit.body, &miss.body), "the same bytes, not a copy");
+    let (_, log) = log_of(&host.effects);
+    assert_eq!(log["images"], 1);
+    assert_eq!(host.counted(Counter::CacheHits(CacheTier::L1)), 1);
+    // A url request is another answer: not in the hot set, and shared data was cleared.
+    let other = host.request(&s, json!({"prompt": "hot", "response_format": "url"}), None);
+    assert_eq!(other.header("x-image-cache"), Some("miss"));
 }

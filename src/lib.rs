@@ -13,6 +13,7 @@ pub mod exchange;
 pub mod gemini;
 pub mod geometry;
 pub mod hash;
+pub mod hot;
 pub mod metrics;
 pub mod model;
 pub mod openai;

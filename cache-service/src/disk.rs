@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 4] = b"GCS1";
@@ -159,7 +160,7 @@ impl DiskStore {
         self.dir.join(file_name(key))
     }
 
-    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+    pub async fn get(&self, key: &str) -> Option<Bytes> {
         let now = now_s();
         let live = {
             let mut idx = self.index.lock().ok()?;
@@ -185,14 +186,13 @@ impl DiskStore {
         value
     }
 
-    async fn read_value(&self, key: &str) -> Option<Vec<u8>> {
-        let mut bytes = tokio::fs::read(self.path(key)).await.ok()?;
+    async fn read_value(&self, key: &str) -> Option<Bytes> {
+        let bytes = tokio::fs::read(self.path(key)).await.ok()?;
         let (stored_key, expires_at, head_len) = parse_header(&bytes)?;
         if stored_key != key || expires_at <= now_s() {
             return None;
         }
-        bytes.drain(..head_len);
-        Some(bytes)
+        Some(Bytes::from(bytes).slice(head_len..))
     }
 
     pub async fn put(&self, key: &str, value: &[u8], ttl_seconds: u64) -> Result<(), PutError> {

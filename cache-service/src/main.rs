@@ -197,7 +197,7 @@ async fn get_entry(State(app): State<Arc<App>>, Path(key): Path<String>) -> Resp
     }
     let found = match &app.store {
         Store::Disk(d) => Ok(d.get(&key).await),
-        Store::Redis(r) => r.get(&key).await,
+        Store::Redis(r) => r.get(&key).await.map(|v| v.map(Bytes::from)),
     };
     match found {
         Ok(Some(v)) => (StatusCode::OK, [("content-type", "application/octet-stream")], v).into_response(),

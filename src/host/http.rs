@@ -1,5 +1,6 @@
 //! The HTTP context: request events in, the exchange's effects out.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
@@ -13,6 +14,7 @@ use crate::cache;
 use crate::config::Settings;
 use crate::exchange::{Effect, Exchange, RequestHead};
 use crate::gemini::CallResponse;
+use crate::hot::HotSet;
 use crate::metrics::Counter;
 
 /// The path the filter answers; everything else passes through untouched.
@@ -37,6 +39,7 @@ struct PendingCall {
 pub struct ImageHttp {
     settings: Rc<Settings>,
     metrics: Rc<Metrics>,
+    hot: Rc<RefCell<HotSet>>,
     /// Present only for image requests.
     exchange: Option<Exchange>,
     calls: Vec<PendingCall>,
@@ -44,8 +47,8 @@ pub struct ImageHttp {
 }
 
 impl ImageHttp {
-    pub fn new(settings: Rc<Settings>, metrics: Rc<Metrics>) -> ImageHttp {
-        ImageHttp { settings, metrics, exchange: None, calls: Vec::new(), replied: false }
+    pub fn new(settings: Rc<Settings>, metrics: Rc<Metrics>, hot: Rc<RefCell<HotSet>>) -> ImageHttp {
+        ImageHttp { settings, metrics, hot, exchange: None, calls: Vec::new(), replied: false }
     }
 
     /// Feeds an event to the exchange and carries out what it asks, until it asks nothing.
@@ -77,10 +80,21 @@ impl ImageHttp {
                         }
                     }
                 }
-                Effect::LookupL1 { key, max_entries } => {
+                Effect::LookupL1 { key, max_entries, format } => {
                     let now = calls::now_ms();
-                    let read = cache::l1_lookup(&mut calls::shared_get, &key, max_entries, now / 1000);
-                    self.feed(|ex| ex.on_l1_result(read, now));
+                    let hot = self.hot.try_borrow_mut().ok().and_then(|mut h| h.get(&key.key, format, now / 1000));
+                    match hot {
+                        Some(entry) => self.feed(|ex| ex.on_l1_hot(entry, now)),
+                        None => {
+                            let read = cache::l1_lookup(&mut calls::shared_get, &key, max_entries, now / 1000);
+                            self.feed(|ex| ex.on_l1_result(read, now));
+                        }
+                    }
+                }
+                Effect::RememberHot { key, format, entry } => {
+                    if let Ok(mut h) = self.hot.try_borrow_mut() {
+                        h.put(&key, format, entry);
+                    }
                 }
                 Effect::StoreL1 { meta_key, meta, data_key, data } => {
                     // Data first: a reader that sees the new meta finds the new data, and the
@@ -158,8 +172,9 @@ impl Context for ImageHttp {
 
 impl HttpContext for ImageHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let is_image = calls::request_header(":method").as_deref() == Some("POST")
-            && calls::request_header(":path").is_some_and(|p| p.split('?').next() == Some(GENERATIONS_PATH));
+        // The path first: on pass-through traffic that is the only host call.
+        let is_image = calls::request_header(":path").is_some_and(|p| p.split('?').next() == Some(GENERATIONS_PATH))
+            && calls::request_header(":method").as_deref() == Some("POST");
         if !is_image {
             return Action::Continue;
         }

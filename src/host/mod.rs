@@ -7,6 +7,7 @@ mod http;
 mod metrics;
 mod writes;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -15,13 +16,19 @@ use proxy_wasm::types::{ContextType, LogLevel as HostLevel};
 
 use crate::access_log::LogLevel;
 use crate::config::Settings;
+use crate::hot::HotSet;
 use crate::metrics::Counter;
 use metrics::Metrics;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(HostLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { settings: None, metrics: Rc::new(Metrics::default()), writes_in_flight: Vec::new() })
+        Box::new(Root {
+            settings: None,
+            metrics: Rc::new(Metrics::default()),
+            hot: Rc::new(RefCell::new(HotSet::new(0))),
+            writes_in_flight: Vec::new(),
+        })
     });
 }}
 
@@ -31,6 +38,8 @@ const WRITE_TICK: Duration = Duration::from_millis(50);
 struct Root {
     settings: Option<Rc<Settings>>,
     metrics: Rc<Metrics>,
+    /// This worker's hot set (each worker has its own VM, so its own root context).
+    hot: Rc<RefCell<HotSet>>,
     writes_in_flight: Vec<u32>,
 }
 
@@ -59,6 +68,8 @@ impl RootContext for Root {
                 if settings.cache.as_ref().is_some_and(|c| c.l2.is_some()) {
                     calls::set_tick(WRITE_TICK);
                 }
+                let hot_bytes = settings.cache.as_ref().and_then(|c| c.l1.as_ref()).map_or(0, |l1| l1.hot_bytes);
+                self.hot = Rc::new(RefCell::new(HotSet::new(hot_bytes)));
                 self.settings = Some(Rc::new(settings));
                 self.metrics = Rc::new(Metrics::define());
                 true
@@ -84,7 +95,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let settings = self.settings.clone()?;
-        Some(Box::new(http::ImageHttp::new(settings, self.metrics.clone())))
+        Some(Box::new(http::ImageHttp::new(settings, self.metrics.clone(), self.hot.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

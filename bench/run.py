@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""What the filter costs, measured against Envoy itself in the same run (make bench).
+
+Starts fake-gemini, cache-service and Envoy (concurrency 1, then 2) with two listeners: one
+with the filter (the shipped envoy/envoy.yaml) and one without any filter, where Envoy alone
+serves the baselines (direct_response of the same bytes, plain proxying of the same
+fake-gemini answer). Load comes from wrk. Every figure is printed as a ratio against its
+baseline, with the absolute medians beside it.
+
+    .venv/bin/python bench/run.py [--duration 5] [--connections 4] [--concurrency 1,2]
+"""
+import argparse
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from harness import WASM, CacheService, Envoy, FakeGemini, Process, envoy_bin, free_port, http, render_envoy  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def need_wrk():
+    if shutil.which("wrk"):
+        return shutil.which("wrk")
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
+    if not shutil.which("wrk"):
+        sys.exit("make bench needs wrk (Debian package wrk): apt-get install wrk")
+    return shutil.which("wrk")
+
+
+def lua_post(path, body, headers, workdir):
+    name = os.path.join(workdir, "req-%d.lua" % abs(hash((path, body, json.dumps(headers)))))
+    lines = ['wrk.method = "POST"', "wrk.body = %s" % json.dumps(body)]
+    for k, v in headers.items():
+        lines.append('wrk.headers["%s"] = "%s"' % (k, v))
+    with open(name, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return name
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(out):
+    lat = {}
+    for pct, val, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        lat[pct] = float(val) * UNITS[unit]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"p50": lat.get("50"), "p99": lat.get("99"), "rps": rps, "non2xx": int(bad.group(1)) if bad else 0,
+            "socket_errors": errors.group(1) if errors else None}
+
+
+# With Envoy at concurrency 1, Envoy gets core 0 and everything else (wrk, fake-gemini,
+# cache-service) core 1, so that they do not fight over one core. Set by main().
+LOAD_CPUS = None
+
+
+def pin(pid, cpus):
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            pass
+
+
+def wrk(url, seconds, connections, script=None, threads=None):
+    cmd = [need_wrk(), "-t", str(threads or min(connections, 2)), "-c", str(connections), "-d", "%ds" % max(1, round(seconds)), "--latency", url]
+    if script:
+        cmd[1:1] = ["-s", script]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
+                         preexec_fn=(lambda: pin(0, LOAD_CPUS)) if LOAD_CPUS else None).stdout
+    r = parse_wrk(out)
+    if r["non2xx"]:
+        raise SystemExit("non-2xx answers from %s:\n%s" % (url, out))
+    return r
+
+
+ROUNDS = 3
+
+
+ONLY = None  # --only: run the rows whose name holds this text
+
+
+def pair(name, base_name, base, cand):
+    """Runs baseline and candidate alternately, ROUNDS times each; keeps the medians."""
+    if ONLY and ONLY not in name:
+        return None
+    bs, cs = [], []
+    for _ in range(ROUNDS):
+        bs.append(base())
+        cs.append(cand())
+    med = lambda rs, k: sorted(r[k] for r in rs)[len(rs) // 2]
+    b = {k: med(bs, k) for k in ("p50", "p99", "rps")}
+    c = {k: med(cs, k) for k in ("p50", "p99", "rps")}
+    return {"name": name, "baseline": base_name, "b": b, "c": c, "ratio_p50": c["p50"] / b["p50"],
+            "ratio_p99": c["p99"] / b["p99"], "ratio_rps": b["rps"] / c["rps"]}
+
+
+def bench_config(fake, cache, bodies, workdir):
+    """The shipped config plus an `l2only` listener (no L1) and a `plain` listener (no filter)."""
+    doc = render_envoy.render(wasm=WASM, fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
+                              image_cache="127.0.0.1:%d" % cache.port, listen_port=free_port(), admin_port=free_port())
+    listeners = doc["static_resources"]["listeners"]
+    main = listeners[0]
+    l2only = copy.deepcopy(main)
+    l2only["name"] = "l2only"
+    l2only["address"]["socket_address"]["port_value"] = free_port()
+    cfg = render_envoy.plugin_config(main)
+    cfg["cache"].pop("l1")
+    render_envoy._set_plugin_config(l2only, cfg)
+    l2only["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"] = "l2only"
+    plain = copy.deepcopy(main)
+    plain["name"] = "plain"
+    plain["address"]["socket_address"]["port_value"] = free_port()
+    hcm = plain["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = "plain"
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+    rc = hcm["route_config"]
+    rc["max_direct_response_body_size_bytes"] = 32 * MIB
+    # On the filter listener: a route where the filter is switched off per route, the way a
+    # sidecar keeps it off the application's own traffic.
+    main_routes = main["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    main_routes.insert(0, {"match": {"prefix": "/off/"}, "route": {"cluster": "app", "prefix_rewrite": "/"},
+                           "typed_per_filter_config": {
+                               "envoy.filters.http.wasm": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True},
+                               "envoy.filters.http.buffer": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}}})
+    rc["virtual_hosts"][0]["routes"] = [
+        {"match": {"path": "/direct/%s" % name}, "direct_response": {"status": 200, "body": {"filename": path}},
+         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
+        for name, path in bodies.items()
+    ] + [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]
+    listeners += [l2only, plain]
+    return doc
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=5)
+    p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--concurrency", default="1,2")
+    p.add_argument("--rss-requests", type=int, default=1000)
+    p.add_argument("--only", help="run only the rows whose name holds this text (and skip memory)")
+    a = p.parse_args()
+    global ONLY
+    ONLY = a.only
+    need_wrk()
+    work = tempfile.mkdtemp(prefix="bench-")
+    fake = FakeGemini(work)
+    cache = CacheService(work, max_bytes=2 * 1024 * MIB)
+    ct = {"content-type": "application/json"}
+    prompts = {"2m": "bench two [fake:bytes=%d]" % (2 * MIB), "10m": "bench ten [fake:bytes=%d]" % (10 * MIB)}
+    results = {}
+    try:
+        # The exact bytes an L1 hit answers, for the direct_response baselines.
+        probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port, plugin_patch={"cache": None},
+                      env_extra={"GEMINI_API_KEY": "bench"}, concurrency=1)
+        bodies = {}
+        for name, prompt in prompts.items():
+            status, _, body = http("POST", probe.url() + "/v1/images/generations", json.dumps({"prompt": prompt}).encode(), ct)
+            assert status == 200, body[:200]
+            bodies[name] = os.path.join(work, "answer-%s.json" % name)
+            with open(bodies[name], "wb") as f:
+                f.write(body)
+        probe.stop()
+        sizes = {k: os.path.getsize(v) for k, v in bodies.items()}
+
+        for conc in [int(c) for c in a.concurrency.split(",")]:
+            doc = bench_config(fake, cache, bodies, work)
+            ports = {l["name"]: l["address"]["socket_address"]["port_value"] for l in doc["static_resources"]["listeners"]}
+            cfg_path = render_envoy.write(doc, os.path.join(work, "bench-%d.yaml" % conc))
+            admin = "http://127.0.0.1:%d" % doc["admin"]["address"]["socket_address"]["port_value"]
+            global LOAD_CPUS
+            split = conc == 1 and (os.cpu_count() or 1) >= 2 and not os.environ.get("NOPIN")
+            LOAD_CPUS = {1} if split else None
+            for helper in (fake.process.pid, cache.process.pid):
+                pin(helper, {1} if split else set(range(os.cpu_count() or 1)))
+            proc = Process("envoy", [envoy_bin(), "-c", cfg_path, "--concurrency", str(conc), "--disable-hot-restart",
+                                     "--log-level", "error"], os.path.join(work, "bench-envoy-%d.log" % conc),
+                           env=dict(os.environ, GEMINI_API_KEY="bench"),
+                           ready=lambda: http("GET", admin + "/ready", timeout=1)[0] == 200)
+            if split:
+                pin(proc.pid, {0})
+            url = lambda listener, path: "http://127.0.0.1:%d%s" % (ports[listener], path)
+            d, c = a.duration, a.connections
+            try:
+                rows = []
+                for name in ("2m", "10m"):
+                    body = json.dumps({"prompt": prompts[name]})
+                    http("POST", url("images", "/v1/images/generations"), body.encode(), ct)  # fills L1 and L2
+                    time.sleep(0.3)
+                    hit = lua_post("/v1/images/generations", body, ct, work)
+                    rows.append(pair("L1 hit, %s image (%d bytes)" % (name.upper().replace("M", " MiB"), sizes[name]),
+                                     "Envoy direct_response, same bytes",
+                                     lambda: wrk(url("plain", "/direct/" + name), d, c),
+                                     lambda: wrk(url("images", "/v1/images/generations"), d, c, hit)))
+                body2 = json.dumps({"prompt": prompts["2m"]})
+                l1 = lua_post("/v1/images/generations", body2, ct, work)
+                rows.append(pair("L2 hit, 2 MiB image", "L1 hit, same image",
+                                 lambda: wrk(url("images", "/v1/images/generations"), d, c, l1),
+                                 lambda: wrk(url("l2only", "/v1/images/generations"), d, c, l1)))
+                gem = json.dumps({"contents": [{"role": "user", "parts": [{"text": prompts["2m"]}]}],
+                                  "generationConfig": {"imageConfig": {"aspectRatio": "1:1"}}})
+                plain_gem = lua_post("/v1beta/models/m:generateContent", gem, ct, work)
+                miss = lua_post("/v1/images/generations", body2, dict(ct, **{"cache-control": "no-store"}), work)
+                rows.append(pair("miss, 2 MiB image: call-out, translation, reply", "Envoy proxying the same fake-gemini answer",
+                                 lambda: wrk(url("plain", "/v1beta/models/m:generateContent"), d, c, plain_gem),
+                                 lambda: wrk(url("images", "/v1/images/generations"), d, c, miss)))
+                slow = {n: lua_post("/v1/images/generations", json.dumps({"prompt": "slow [fake:delay=200]", "n": n}),
+                                    dict(ct, **{"cache-control": "no-store"}), work) for n in (1, 4)}
+                rows.append(pair("miss, n=4, fake-gemini 200 ms per call", "miss, n=1, same delay",
+                                 lambda: wrk(url("images", "/v1/images/generations"), max(d, 3), 1, slow[1], threads=1),
+                                 lambda: wrk(url("images", "/v1/images/generations"), max(d, 3), 1, slow[4], threads=1)))
+                rows.append(pair("pass-through: the filter in the chain, a path it does not handle", "no filter at all",
+                                 lambda: wrk(url("plain", "/__fake/echo"), d, c),
+                                 lambda: wrk(url("images", "/__fake/echo"), d, c)))
+                rows.append(pair("pass-through: the filter switched off on the route (FilterConfig disabled)", "no filter at all",
+                                 lambda: wrk(url("plain", "/__fake/echo"), d, c),
+                                 lambda: wrk(url("images", "/off/__fake/echo"), d, c)))
+                results[conc] = [r for r in rows if r]
+            finally:
+                proc.stop()
+
+        # Resident memory after N requests: no cache writes, then L1 filled with 2 MiB entries.
+        rss = {}
+        for label, patch, distinct in [] if ONLY else [("1,000 requests, L1 empty (no-store)", {}, False),
+                                       ("1,000 requests, L1 full (64 x 2 MiB entries)", {}, True)]:
+            e = Envoy(work, name="envoy-rss", fake_gemini="127.0.0.1:%d" % fake.port, image_cache="127.0.0.1:%d" % cache.port,
+                      env_extra={"GEMINI_API_KEY": "bench"}, concurrency=2)
+            try:
+                start = rss_kb(e.process.pid)
+                for i in range(a.rss_requests):
+                    prompt = "rss %d %s" % (i if distinct else 0, "[fake:bytes=%d]" % (2 * MIB))
+                    h = ct if distinct else dict(ct, **{"cache-control": "no-store"})
+                    http("POST", e.url() + "/v1/images/generations", json.dumps({"prompt": prompt}).encode(), h)
+                rss[label] = (start, rss_kb(e.process.pid))
+            finally:
+                e.stop()
+    finally:
+        cache.stop()
+        fake.stop()
+
+    print_report(results, rss, os.path.getsize(WASM), a)
+
+
+def print_report(results, rss, wasm_size, a):
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except OSError:
+        pass
+    print("machine: %d cores, %s; wrk %s s per run, %d connections, %d rounds alternating, medians" % (
+        os.cpu_count(), cpu, a.duration, a.connections, ROUNDS))
+    print("at concurrency 1, Envoy is pinned to core 0 and wrk, fake-gemini and cache-service to core 1")
+    for conc, rows in results.items():
+        print("\nEnvoy --concurrency %d" % conc)
+        print("| what | baseline | p50 ms (base -> filter) | p99 ms (base -> filter) | req/s (base -> filter) | p50 ratio | p99 ratio | throughput cost |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            b, c = r["b"], r["c"]
+            print("| %s | %s | %.2f -> %.2f | %.2f -> %.2f | %.0f -> %.0f | %.2fx | %.2fx | %.2fx |" % (
+                r["name"], r["baseline"], b["p50"], c["p50"], b["p99"], c["p99"], b["rps"], c["rps"],
+                r["ratio_p50"], r["ratio_p99"], r["ratio_rps"]))
+    print("\n| Envoy resident memory (concurrency 2) | start | after |")
+    print("|---|---|---|")
+    for label, (start, end) in rss.items():
+        print("| %s | %.1f MiB | %.1f MiB |" % (label, start / 1024, end / 1024))
+    print("\nwasm file: %d bytes" % wasm_size)
+
+
+if __name__ == "__main__":
+    main()
