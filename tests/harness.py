@@ -47,6 +47,37 @@ def http(method, url, body=None, headers=None, timeout=30):
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def post_image(envoy, body, listener="images", headers=None, timeout=60):
+    """POST an OpenAI Images request to one of an Envoy's listeners."""
+    h = {"content-type": "application/json"}
+    h.update(headers or {})
+    return http("POST", envoy.url(listener) + "/v1/images/generations", json.dumps(body).encode(), h, timeout=timeout)
+
+
+def wait_for(fn, timeout=5.0, every=0.05):
+    """Calls fn until it returns something true, or the time is up; returns its last value."""
+    deadline = time.time() + timeout
+    while True:
+        v = fn()
+        if v or time.time() > deadline:
+            return v
+        time.sleep(every)
+
+
+def serve_in_thread(handler_class):
+    """A threaded HTTP server on a free loopback port (backlog well above 5); returns it."""
+    from http.server import ThreadingHTTPServer
+    import threading
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 class Process:
     def __init__(self, name, cmd, log_path, env=None, ready=None, timeout=30):
         self.name = name

@@ -6,27 +6,12 @@ import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from conftest import API_KEY, CACHE_TOKEN, unique
-from harness import CacheService, Envoy, Redis, free_port, http
-
-
-def post(envoy, body, listener="images", headers=None, timeout=60):
-    h = {"content-type": "application/json"}
-    h.update(headers or {})
-    return http("POST", envoy.url(listener) + "/v1/images/generations", json.dumps(body).encode(), h, timeout=timeout)
-
-
-def wait_for(fn, timeout=5.0):
-    deadline = time.time() + timeout
-    while True:
-        v = fn()
-        if v or time.time() > deadline:
-            return v
-        time.sleep(0.05)
+from harness import CacheService, Envoy, Redis, free_port, http, post_image as post, serve_in_thread, wait_for
 
 
 def test_a_repeat_is_an_l1_hit_in_either_response_format(client, fake, envoy):
@@ -131,13 +116,8 @@ class BadCache:
 
             do_GET = do_PUT = _answer
 
-        class Server(ThreadingHTTPServer):
-            request_queue_size = 128
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = serve_in_thread(Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self):
         self.server.shutdown()

@@ -49,7 +49,7 @@ def test_sidecar_keeps_the_filter_and_the_buffer_off_the_apps_routes():
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.wasm", "envoy.filters.http.buffer", "envoy.filters.http.router"]
     image, rest = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert image["match"] == {"path": "/v1/images/generations"}
+    assert image["match"] == {"safe_regex": {"regex": "/v1/images/generations/?"}}
     assert "typed_per_filter_config" not in image
     assert rest["typed_per_filter_config"]["envoy.filters.http.wasm"]["disabled"] is True
     assert rest["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True

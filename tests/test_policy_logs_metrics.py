@@ -9,22 +9,7 @@ import uuid
 import pytest
 
 from conftest import API_KEY, CANARY, USER, assert_no_secrets, log_lines, unique
-from harness import ROOT, WASM, Envoy, envoy_bin, http, render_envoy
-
-
-def post(envoy, body, listener="images", headers=None):
-    h = {"content-type": "application/json"}
-    h.update(headers or {})
-    return http("POST", envoy.url(listener) + "/v1/images/generations", json.dumps(body).encode(), h, timeout=60)
-
-
-def wait_for(fn, timeout=5.0):
-    deadline = time.time() + timeout
-    while True:
-        v = fn()
-        if v or time.time() > deadline:
-            return v
-        time.sleep(0.1)
+from harness import ROOT, WASM, Envoy, envoy_bin, http, post_image as post, render_envoy, wait_for
 
 
 # --- safety -----------------------------------------------------------------------------

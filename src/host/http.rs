@@ -17,9 +17,6 @@ use crate::gemini::CallResponse;
 use crate::hot::HotSet;
 use crate::metrics::Counter;
 
-/// The path the filter answers; everything else passes through untouched.
-const GENERATIONS_PATH: &str = "/v1/images/generations";
-
 /// What a call-out in flight is for.
 #[derive(Clone, Copy)]
 enum CallKind {
@@ -173,7 +170,7 @@ impl Context for ImageHttp {
 impl HttpContext for ImageHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // The path first: on pass-through traffic that is the only host call.
-        let is_image = calls::request_header(":path").is_some_and(|p| p.split('?').next() == Some(GENERATIONS_PATH))
+        let is_image = calls::request_header(":path").is_some_and(|p| crate::request::is_generations_path(&p))
             && calls::request_header(":method").as_deref() == Some("POST");
         if !is_image {
             return Action::Continue;
