@@ -11,14 +11,14 @@ from conftest import API_KEY, CACHE_TOKEN, unique
 from harness import CacheService, Envoy, free_port, http, render_envoy
 from test_cache import BadCache
 
-GEMINI_TIMEOUT_MS = 1500
+GEMINI_TIMEOUT_MS = 2500
 
 # fault -> (marker, gemini cluster, expected status, expected code or None for success)
 FAULTS = {
     "ok": ("", "gemini", 200, None),
     "refused": ("", "dead", 502, "IMG_NETWORK_ERROR"),
     "reset": ("[fake:reset]", "gemini", 502, "IMG_NETWORK_ERROR"),
-    "timeout": ("[fake:delay=3000]", "gemini", 504, "IMG_NETWORK_ERROR"),
+    "timeout": ("[fake:delay=4500]", "gemini", 504, "IMG_NETWORK_ERROR"),
     "slow body": ("[fake:slowbody=400]", "gemini", 200, None),
     "429 retry info": ("[fake:status=429] [fake:retry=9]", "gemini", 429, "IMG_QUOTA_EXHAUSTED"),
     "429 bare": ("[fake:status=429]", "gemini", 429, "IMG_QUOTA_EXHAUSTED"),
@@ -31,7 +31,9 @@ FAULTS = {
     "empty body": ("[fake:empty]", "gemini", 502, "IMG_UPSTREAM_ERROR"),
     # The answer's JSON is what counts: a valid answer with an odd content type is a success.
     "wrong content type": ("[fake:ctype=text/plain]", "gemini", 200, None),
-    "over the call-out limit": ("[fake:huge]", "gemini", 502, "IMG_NETWORK_ERROR"),
+    # A 35 MB answer fails on size (502), or, on a loaded machine, on the timeout while it
+    # streams in (504): both are the contract's network error.
+    "over the call-out limit": ("[fake:huge]", "gemini", (502, 504), "IMG_NETWORK_ERROR"),
     "invalid base64": ("[fake:badb64]", "gemini", 502, "IMG_UPSTREAM_ERROR"),
 }
 CACHE_STATES = ["up", "down", "slow", "500", "garbage", "wrong token"]
@@ -87,14 +89,15 @@ def test_every_gemini_fault_with_every_cache_state(matrix):
     problems = []
     for (fault, state), (status, headers, raw, took) in results.items():
         _, _, want_status, want_code = FAULTS[fault]
-        bound = GEMINI_TIMEOUT_MS / 1000 + 2.0 if fault == "timeout" else 3.0
+        bound = GEMINI_TIMEOUT_MS / 1000 + 2.0 if fault in ("timeout", "over the call-out limit") else 3.0
         try:
             got = json.loads(raw)
         except ValueError:
             problems.append("%s / cache %s: not JSON: %r" % (fault, state, raw[:100]))
             continue
         code = got.get("error", {}).get("code") if status != 200 else None
-        if (status, code) != (want_status, want_code):
+        allowed = want_status if isinstance(want_status, tuple) else (want_status,)
+        if status not in allowed or code != want_code:
             problems.append("%s / cache %s: got %s %s, want %s %s" % (fault, state, status, code, want_status, want_code))
         if took > bound:
             problems.append("%s / cache %s: took %.2fs (bound %.1fs)" % (fault, state, took, bound))
