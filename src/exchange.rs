@@ -251,17 +251,29 @@ impl Exchange {
         if self.done {
             return Vec::new();
         }
-        self.cache.state = CacheTier::L1.header_value();
+        self.serve_hit(CacheTier::L1, hot.body, hot.images, hot.usage, now_ms)
+    }
+
+    /// The reply, log line and counters of a cache hit whose answer is rendered.
+    fn serve_hit(
+        &mut self,
+        tier: CacheTier,
+        body: Rc<Vec<u8>>,
+        images: u32,
+        usage: Option<Usage>,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        self.cache.state = tier.header_value();
         let headers = self.common_headers();
         let mut record = self.log_record(200, now_ms);
-        record.images = hot.images;
-        record.usage = hot.usage;
+        record.images = images;
+        record.usage = usage;
         self.done = true;
         let mut effects = vec![
-            Effect::Reply(Reply { status: 200, headers, body: hot.body }),
+            Effect::Reply(Reply { status: 200, headers, body }),
             Effect::Log(LogLine { level: LogLevel::Info, json: record.to_json() }),
-            Effect::Count(Counter::CacheHits(CacheTier::L1), 1),
-            Effect::Count(Counter::Images, u64::from(hot.images)),
+            Effect::Count(Counter::CacheHits(tier), 1),
+            Effect::Count(Counter::Images, u64::from(images)),
         ];
         effects.extend(self.outcome_metrics(Outcome::Success, now_ms));
         effects
@@ -374,21 +386,10 @@ impl Exchange {
         // catch garbage, truncation and mix-ups without scanning megabytes of base64 again.
         let Some(entry) = cache::decode_entry(bytes, &key.key, false) else { return Vec::new() };
         let body = Rc::new(openai::images_body(entry.created, &entry.images, req.response_format, entry.usage));
-        let remember = self.remember(&body, entry.images.len() as u32, entry.usage);
-        self.cache.state = tier.header_value();
-        let headers = self.common_headers();
-        let mut record = self.log_record(200, now_ms);
-        record.images = entry.images.len() as u32;
-        record.usage = entry.usage;
-        self.done = true;
-        let mut effects = vec![
-            Effect::Reply(Reply { status: 200, headers, body }),
-            Effect::Log(LogLine { level: LogLevel::Info, json: record.to_json() }),
-            Effect::Count(Counter::CacheHits(tier), 1),
-            Effect::Count(Counter::Images, entry.images.len() as u64),
-        ];
+        let images = entry.images.len() as u32;
+        let remember = self.remember(&body, images, entry.usage);
+        let mut effects = self.serve_hit(tier, body, images, entry.usage, now_ms);
         effects.extend(remember);
-        effects.extend(self.outcome_metrics(Outcome::Success, now_ms));
         effects
     }
 

@@ -35,6 +35,15 @@ def load_all(path):
         return [d for d in yaml.safe_load_all(f) if d]
 
 
+def resources_by_kind(folder):
+    """Every Kubernetes resource under envoy/<folder>, grouped by kind."""
+    docs = {}
+    for path in glob.glob(os.path.join(ENVOY_DIR, folder, "*.yaml")):
+        for d in load_all(path):
+            docs.setdefault(d["kind"], []).append(d)
+    return docs
+
+
 @pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ENVOY_DIR, "*.yaml"))
                                         if not p.endswith("docker-compose.yaml")))
 def test_every_shipped_envoy_config_passes_validate(name, tmp_path):
@@ -78,10 +87,7 @@ def plugin_config_in_envoy(plugin, clusters, tmp_path, env=None):
 
 
 def test_istio_resources_fit_together(tmp_path):
-    docs = {}
-    for path in glob.glob(os.path.join(ENVOY_DIR, "istio", "*.yaml")):
-        for d in load_all(path):
-            docs.setdefault(d["kind"], []).append(d)
+    docs = resources_by_kind("istio")
     plugin = docs["WasmPlugin"][0]["spec"]
     cfg = plugin["pluginConfig"]
     se = docs["ServiceEntry"][0]["spec"]
@@ -117,10 +123,7 @@ def test_istio_resources_fit_together(tmp_path):
 
 
 def test_envoy_gateway_resources_fit_together(tmp_path):
-    docs = {}
-    for path in glob.glob(os.path.join(ENVOY_DIR, "envoy-gateway", "*.yaml")):
-        for d in load_all(path):
-            docs.setdefault(d["kind"], []).append(d)
+    docs = resources_by_kind("envoy-gateway")
     policy = docs["EnvoyExtensionPolicy"][0]["spec"]
     routes = {r["metadata"]["name"]: r for r in docs["HTTPRoute"]}
     assert policy["targetRefs"][0]["name"] in routes
