@@ -6,6 +6,7 @@ use std::rc::Rc;
 
 use gemini_image_filter::cache::{decode_entry, encode_entry, l1_slot_state};
 use gemini_image_filter::config::Settings;
+use gemini_image_filter::endpoint::Endpoint;
 use gemini_image_filter::exchange::{Effect, Exchange, RequestHead};
 use gemini_image_filter::gemini::{is_base64, read_call, CallResponse};
 use gemini_image_filter::request::parse_request;
@@ -22,7 +23,7 @@ pub fn check_request_parser(data: &[u8]) {
     }
 }
 
-/// The Gemini answer reader: an image (valid base64) or a contract error, whatever arrives.
+/// The Gemini answer reader: an image (valid base64) or an error of docs/errors.md, whatever arrives.
 pub fn check_gemini_reader(data: &[u8]) {
     let (status, body) = match data.split_first() {
         Some((first, rest)) => (
@@ -69,10 +70,10 @@ pub fn check_entry_decoder(data: &[u8]) {
 /// service sends.
 pub fn check_l2_response(data: &[u8]) {
     let settings = Rc::new(Settings::from_json(br#"{"cache": {"l2": {}}}"#, &|_| None).expect("valid"));
-    let head = RequestHead { content_type: Some("application/json".into()), ..Default::default() };
-    let mut ex = Exchange::new(settings, head, 0);
+    let head = RequestHead { method: "POST".into(), content_type: Some("application/json".into()), ..Default::default() };
+    let mut ex = Exchange::new(settings, Endpoint::Generations, head, 0);
     let effects = ex.on_body(br#"{"prompt": "a cat"}"#, 1);
-    assert!(matches!(effects.first(), Some(Effect::CallL2 { .. })));
+    assert!(matches!(effects.first(), Some(Effect::CallL2(_))));
     let status = data.first().map(|b| [200u32, 404, 500, 401][(*b % 4) as usize]);
     let body = data.get(1..).unwrap_or_default().to_vec();
     let effects = ex.on_l2_response(CallResponse { status, body, ..Default::default() }, 2);

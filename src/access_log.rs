@@ -3,8 +3,10 @@
 
 use serde::Serialize;
 
+use crate::endpoint::Endpoint;
 use crate::error::ErrorCode;
 use crate::gemini::Usage;
+use crate::metrics::{CacheState, Outcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogLevel {
@@ -15,8 +17,8 @@ pub enum LogLevel {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogRecord {
-    /// `success`, `error` or `client_closed`.
-    pub outcome: &'static str,
+    pub endpoint: Endpoint,
+    pub outcome: Outcome,
     pub status: u32,
     pub error: Option<ErrorCode>,
     pub model: Option<String>,
@@ -27,7 +29,7 @@ pub struct LogRecord {
     pub quality: Option<&'static str>,
     pub style: Option<&'static str>,
     pub safety: Option<&'static str>,
-    pub cache: &'static str,
+    pub cache: CacheState,
     pub latency_ms: u64,
     pub upstream_latency_ms: Option<u64>,
     pub upstream_status: Option<u32>,
@@ -42,6 +44,7 @@ pub struct LogRecord {
 #[derive(Serialize)]
 struct Line<'a> {
     event: &'static str,
+    endpoint: &'static str,
     outcome: &'static str,
     status: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -71,14 +74,15 @@ struct Line<'a> {
 
 impl LogRecord {
     pub fn to_json(&self) -> String {
-        let category = match self.error {
-            Some(code) => code.category(),
-            None if self.outcome == "success" => "SUCCESS",
-            None => "CLIENT_CLOSED",
+        let category = match (self.error, self.outcome) {
+            (Some(code), _) => code.category().as_str(),
+            (None, Outcome::ClientClosed) => "CLIENT_CLOSED",
+            (None, _) => "SUCCESS",
         };
         let line = Line {
             event: "image_generation",
-            outcome: self.outcome,
+            endpoint: self.endpoint.as_str(),
+            outcome: self.outcome.as_str(),
             status: self.status,
             code: self.error.map(ErrorCode::as_str),
             category,
@@ -90,7 +94,7 @@ impl LogRecord {
             quality: self.quality,
             style: self.style,
             safety: self.safety,
-            cache: self.cache,
+            cache: self.cache.as_str(),
             latency_ms: self.latency_ms,
             upstream_latency_ms: self.upstream_latency_ms,
             upstream_status: self.upstream_status,
@@ -112,7 +116,8 @@ mod tests {
     #[test]
     fn the_line_starts_with_the_event_and_holds_every_field() {
         let r = LogRecord {
-            outcome: "error",
+            endpoint: Endpoint::Generations,
+            outcome: Outcome::Error,
             status: 429,
             error: Some(ErrorCode::QuotaExhausted),
             model: Some("dall-e-3".into()),
@@ -123,7 +128,7 @@ mod tests {
             quality: None,
             style: None,
             safety: Some("OFF"),
-            cache: "miss",
+            cache: CacheState::Miss,
             latency_ms: 12,
             upstream_latency_ms: Some(10),
             upstream_status: Some(429),
@@ -134,7 +139,7 @@ mod tests {
             usage: None,
         };
         let json = r.to_json();
-        assert!(json.starts_with(r#"{"event":"image_generation","outcome":"error","status":429,"code":"IMG_QUOTA_EXHAUSTED","category":"API_ERROR""#), "{json}");
+        assert!(json.starts_with(r#"{"event":"image_generation","endpoint":"generations","outcome":"error","status":429,"code":"IMG_QUOTA_EXHAUSTED","category":"API_ERROR""#), "{json}");
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         for key in [
             "model",

@@ -1,4 +1,4 @@
-//! The response cache (contract section 7), host-free: keys, the entry format shared by L1
+//! The response cache (docs/cache.md), host-free: keys, the entry format shared by L1
 //! and L2, and L1's bounded slots in Envoy shared data.
 //!
 //! An entry is a complete success kept in a format-neutral form (base64 images, their texts,

@@ -1,4 +1,4 @@
-//! The plugin configuration (contract section 6): read with serde, unknown keys refused,
+//! The plugin configuration (docs/configuration.md): read with serde, unknown keys refused,
 //! validated once at configure time into `Settings`, which the request path only reads.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use crate::geometry::ImageSize;
 use crate::model::ModelVariant;
-use crate::safety::{SafetyLevel, SafetyPolicy};
+use crate::named::Named;
+use crate::safety::SafetyPolicy;
 
 /// The environment variable that sets the platform safety level.
 pub const SAFETY_ENV: &str = "GEMINI_IMAGE_SAFETY_THRESHOLD";
@@ -246,26 +247,75 @@ impl Settings {
     }
 }
 
-fn non_empty(what: &str, v: &str) -> Result<(), String> {
+/// Why a plugin configuration is refused; its `Display` is the reason Envoy's log shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Not JSON, not an object, or a key or type that does not belong (serde's words).
+    Unreadable(String),
+    /// A key whose value is not allowed: the key, the value as given, what is allowed.
+    Invalid { key: String, value: String, expected: String },
+    /// Settings that contradict each other.
+    Conflict(String),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Unreadable(e) => write!(f, "plugin configuration: {e}"),
+            ConfigError::Invalid { key, value, expected } => write!(f, "{key} is {value}; expected {expected}"),
+            ConfigError::Conflict(why) => f.write_str(why),
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, expected: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), value: format!("{value:?}"), expected: expected.into() }
+}
+
+fn non_empty(key: &str, v: &str) -> Result<(), ConfigError> {
     if v.trim().is_empty() {
-        Err(format!("{what} must not be empty"))
+        Err(invalid(key, v, "a non-empty string"))
     } else {
         Ok(())
     }
 }
 
-fn parse_level(what: &str, v: &str) -> Result<SafetyLevel, String> {
-    SafetyLevel::parse(v).ok_or_else(|| format!("{what} is {v:?}; expected one of OFF, LOW, MEDIUM, HIGH"))
+/// `v` within `lo..=hi`.
+fn in_range<T: PartialOrd + std::fmt::Debug + std::fmt::Display>(
+    key: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ConfigError> {
+    if v < lo || v > hi {
+        Err(invalid(key, &v, format!("{lo}..={hi}")))
+    } else {
+        Ok(v)
+    }
+}
+
+/// `v` at least `lo`.
+fn at_least<T: PartialOrd + std::fmt::Debug + std::fmt::Display>(key: &str, v: T, lo: T) -> Result<T, ConfigError> {
+    if v < lo {
+        Err(invalid(key, &v, format!("at least {lo}")))
+    } else {
+        Ok(v)
+    }
+}
+
+/// A name of `T`, in any case.
+fn parse_named<T: Named>(key: &str, v: &str) -> Result<T, ConfigError> {
+    T::parse_any_case(v).ok_or_else(|| invalid(key, v, format!("one of {}", T::expected())))
 }
 
 impl Settings {
     /// Reads the plugin configuration. Empty configuration means every default.
     /// `env` reads the VM environment.
-    pub fn from_json(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, String> {
+    pub fn from_json(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
         let raw: RawConfig = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             RawConfig::default()
         } else {
-            serde_json::from_slice(bytes).map_err(|e| format!("plugin configuration: {e}"))?
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Unreadable(e.to_string()))?
         };
         let mut warnings = Vec::new();
 
@@ -275,11 +325,9 @@ impl Settings {
         non_empty("gemini.model", &g.model)?;
         non_empty("gemini.api_key_env", &g.api_key_env)?;
         if !g.model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
-            return Err(format!("gemini.model {:?} may hold only letters, digits, '-', '.', '_'", g.model));
+            return Err(invalid("gemini.model", &g.model, "only letters, digits, '-', '.', '_'"));
         }
-        if g.timeout_ms == 0 || g.timeout_ms > 3_600_000 {
-            return Err(format!("gemini.timeout_ms is {}; expected 1..=3600000", g.timeout_ms));
-        }
+        in_range("gemini.timeout_ms", g.timeout_ms, 1, 3_600_000)?;
         let api_key = env(&g.api_key_env).filter(|k| !k.trim().is_empty());
         if api_key.is_none() {
             warnings.push(format!(
@@ -292,48 +340,36 @@ impl Settings {
         for (alias, target) in raw.models.aliases {
             non_empty("models.aliases key", &alias)?;
             let v = ModelVariant::parse(&target).ok_or_else(|| {
-                format!("models.aliases.{alias} is {target:?}, which is not gemini-3-pro-image or one of its variants")
+                invalid(format!("models.aliases.{alias}"), &target, "gemini-3-pro-image or one of its variants")
             })?;
             aliases.insert(alias, v);
         }
 
         let s = raw.safety;
-        let config_default = s.default.as_deref().map(|v| parse_level("safety.default", v)).transpose()?;
+        let config_default = s.default.as_deref().map(|v| parse_named("safety.default", v)).transpose()?;
         let env_default = env(SAFETY_ENV)
             .filter(|v| !v.is_empty())
-            .map(|v| parse_level(&format!("environment variable {SAFETY_ENV}"), &v))
+            .map(|v| parse_named(&format!("environment variable {SAFETY_ENV}"), &v))
             .transpose()?;
-        let minimum = parse_level("safety.minimum", &s.minimum)?;
-        let safety = SafetyPolicy::new(config_default, env_default, s.allow_request_override, minimum)?;
+        let minimum = parse_named("safety.minimum", &s.minimum)?;
+        let safety = SafetyPolicy::new(config_default, env_default, s.allow_request_override, minimum)
+            .map_err(ConfigError::Conflict)?;
 
         let l = raw.limits;
-        if l.max_n == 0 || l.max_n > MAX_N_CEILING {
-            return Err(format!("limits.max_n is {}; expected 1..={MAX_N_CEILING}", l.max_n));
-        }
-        if l.max_prompt_chars == 0 {
-            return Err("limits.max_prompt_chars must be at least 1".into());
-        }
-        if l.max_body_bytes < 64 {
-            return Err(format!("limits.max_body_bytes is {}; expected at least 64", l.max_body_bytes));
-        }
-        let max_image_size = ImageSize::parse(&l.max_image_size)
-            .ok_or_else(|| format!("limits.max_image_size is {:?}; expected 1K, 2K or 4K", l.max_image_size))?;
+        in_range("limits.max_n", l.max_n, 1, MAX_N_CEILING)?;
+        at_least("limits.max_prompt_chars", l.max_prompt_chars, 1)?;
+        at_least("limits.max_body_bytes", l.max_body_bytes, 64)?;
+        let max_image_size = parse_named::<ImageSize>("limits.max_image_size", &l.max_image_size)?;
 
         let cache = match raw.cache {
             None => None,
             Some(c) => {
-                if c.ttl_seconds == 0 {
-                    return Err("cache.ttl_seconds must be at least 1".into());
-                }
+                at_least("cache.ttl_seconds", c.ttl_seconds, 1)?;
                 let l1 = match c.l1 {
                     None => None,
                     Some(l1) => {
-                        if l1.max_entries == 0 || l1.max_entries > 100_000 {
-                            return Err(format!("cache.l1.max_entries is {}; expected 1..=100000", l1.max_entries));
-                        }
-                        if l1.max_entry_bytes == 0 {
-                            return Err("cache.l1.max_entry_bytes must be at least 1".into());
-                        }
+                        in_range("cache.l1.max_entries", l1.max_entries, 1, 100_000)?;
+                        at_least("cache.l1.max_entry_bytes", l1.max_entry_bytes, 1)?;
                         Some(L1Settings {
                             max_entries: l1.max_entries,
                             max_entry_bytes: l1.max_entry_bytes,
@@ -346,9 +382,7 @@ impl Settings {
                     Some(l2) => {
                         non_empty("cache.l2.cluster", &l2.cluster)?;
                         non_empty("cache.l2.authority", &l2.authority)?;
-                        if l2.timeout_ms == 0 {
-                            return Err("cache.l2.timeout_ms must be at least 1".into());
-                        }
+                        at_least("cache.l2.timeout_ms", l2.timeout_ms, 1)?;
                         let token = env(&l2.token_env).filter(|t| !t.is_empty());
                         Some(L2Settings {
                             cluster: l2.cluster,
@@ -461,7 +495,7 @@ mod tests {
             (br#"[1,2]"#, "plugin configuration"),
         ];
         for (json, needle) in cases {
-            let e = Settings::from_json(json, &no_env).unwrap_err();
+            let e = Settings::from_json(json, &no_env).unwrap_err().to_string();
             assert!(e.contains(needle), "{e:?} should mention {needle}");
         }
     }
@@ -472,7 +506,7 @@ mod tests {
         let s = Settings::from_json(br#"{"safety": {"default": "LOW"}}"#, &env).unwrap();
         assert_eq!((s.safety.default, s.safety.default_source), (SafetyLevel::Medium, SafetySource::Environment));
         let bad = |k: &str| (k == SAFETY_ENV).then(|| "EXTREME".to_string());
-        let e = Settings::from_json(b"{}", &bad).unwrap_err();
+        let e = Settings::from_json(b"{}", &bad).unwrap_err().to_string();
         assert!(e.contains(SAFETY_ENV) && e.contains("EXTREME"), "{e}");
     }
 }

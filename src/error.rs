@@ -1,4 +1,6 @@
-//! The contract's error codes and the OpenAI-shaped error a client gets.
+//! The error codes (docs/errors.md) and the OpenAI-shaped error a client gets.
+
+use crate::named::named;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
@@ -16,39 +18,38 @@ pub enum ErrorCode {
     InternalError,
 }
 
+named!(ErrorCode {
+    InvalidRequest => "IMG_INVALID_REQUEST",
+    InvalidPrompt => "IMG_INVALID_PROMPT",
+    UnsupportedModel => "IMG_UNSUPPORTED_MODEL",
+    PayloadTooLarge => "IMG_PAYLOAD_TOO_LARGE",
+    SafetyBlocked => "IMG_SAFETY_BLOCKED",
+    QuotaExhausted => "IMG_QUOTA_EXHAUSTED",
+    ServiceUnavailable => "IMG_SERVICE_UNAVAILABLE",
+    UpstreamAuth => "IMG_UPSTREAM_AUTH",
+    UpstreamError => "IMG_UPSTREAM_ERROR",
+    NoImage => "IMG_NO_IMAGE",
+    NetworkError => "IMG_NETWORK_ERROR",
+    InternalError => "IMG_INTERNAL_ERROR",
+});
+
+/// Whose fault an error is: the `category` of an error answer and of the log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Category {
+    UserError,
+    ApiError,
+    SystemError,
+    NetworkError,
+}
+
+named!(Category {
+    UserError => "USER_ERROR",
+    ApiError => "API_ERROR",
+    SystemError => "SYSTEM_ERROR",
+    NetworkError => "NETWORK_ERROR",
+});
+
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
-        ErrorCode::InvalidRequest,
-        ErrorCode::InvalidPrompt,
-        ErrorCode::UnsupportedModel,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::SafetyBlocked,
-        ErrorCode::QuotaExhausted,
-        ErrorCode::ServiceUnavailable,
-        ErrorCode::UpstreamAuth,
-        ErrorCode::UpstreamError,
-        ErrorCode::NoImage,
-        ErrorCode::NetworkError,
-        ErrorCode::InternalError,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidRequest => "IMG_INVALID_REQUEST",
-            ErrorCode::InvalidPrompt => "IMG_INVALID_PROMPT",
-            ErrorCode::UnsupportedModel => "IMG_UNSUPPORTED_MODEL",
-            ErrorCode::PayloadTooLarge => "IMG_PAYLOAD_TOO_LARGE",
-            ErrorCode::SafetyBlocked => "IMG_SAFETY_BLOCKED",
-            ErrorCode::QuotaExhausted => "IMG_QUOTA_EXHAUSTED",
-            ErrorCode::ServiceUnavailable => "IMG_SERVICE_UNAVAILABLE",
-            ErrorCode::UpstreamAuth => "IMG_UPSTREAM_AUTH",
-            ErrorCode::UpstreamError => "IMG_UPSTREAM_ERROR",
-            ErrorCode::NoImage => "IMG_NO_IMAGE",
-            ErrorCode::NetworkError => "IMG_NETWORK_ERROR",
-            ErrorCode::InternalError => "IMG_INTERNAL_ERROR",
-        }
-    }
-
     /// The HTTP status; `IMG_NETWORK_ERROR` is 504 instead when the cause was a timeout.
     pub fn status(self) -> u32 {
         match self {
@@ -82,19 +83,19 @@ impl ErrorCode {
         }
     }
 
-    pub fn category(self) -> &'static str {
+    pub fn category(self) -> Category {
         match self {
             ErrorCode::InvalidRequest
             | ErrorCode::InvalidPrompt
             | ErrorCode::UnsupportedModel
             | ErrorCode::PayloadTooLarge
-            | ErrorCode::SafetyBlocked => "USER_ERROR",
+            | ErrorCode::SafetyBlocked => Category::UserError,
             ErrorCode::QuotaExhausted
             | ErrorCode::ServiceUnavailable
             | ErrorCode::UpstreamError
-            | ErrorCode::NoImage => "API_ERROR",
-            ErrorCode::UpstreamAuth | ErrorCode::InternalError => "SYSTEM_ERROR",
-            ErrorCode::NetworkError => "NETWORK_ERROR",
+            | ErrorCode::NoImage => Category::ApiError,
+            ErrorCode::UpstreamAuth | ErrorCode::InternalError => Category::SystemError,
+            ErrorCode::NetworkError => Category::NetworkError,
         }
     }
 
@@ -155,31 +156,34 @@ pub struct ApiError {
     pub param: Option<&'static str>,
     /// Seconds for `retry-after`, from Gemini's RetryInfo.
     pub retry_after: Option<u64>,
-    /// A network error caused by a timeout answers 504.
-    pub timeout: bool,
+    /// A status other than the code's own: 504 for a network error that was a timeout, 405
+    /// for a method the endpoint does not answer.
+    pub status_override: Option<u16>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into(), param: None, retry_after: None, timeout: false }
+        ApiError { code, message: message.into(), param: None, retry_after: None, status_override: None }
     }
 
     pub fn param(code: ErrorCode, param: &'static str, message: impl Into<String>) -> ApiError {
         ApiError { param: Some(param), ..ApiError::new(code, message) }
     }
 
+    /// A network error caused by a timeout: 504.
+    pub fn timed_out(message: impl Into<String>) -> ApiError {
+        ApiError { status_override: Some(504), ..ApiError::new(ErrorCode::NetworkError, message) }
+    }
+
     pub fn status(&self) -> u32 {
-        if self.code == ErrorCode::NetworkError && self.timeout {
-            504
-        } else {
-            self.code.status()
-        }
+        self.status_override.map_or_else(|| self.code.status(), u32::from)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::named::Named;
 
     #[test]
     fn table_rows_match_the_contract() {
@@ -198,16 +202,17 @@ mod tests {
             ("IMG_INTERNAL_ERROR", 500, "server_error", "SYSTEM_ERROR"),
         ];
         assert_eq!(rows.len(), ErrorCode::ALL.len());
-        for (code, (name, status, ty, cat)) in ErrorCode::ALL.into_iter().zip(rows) {
-            assert_eq!((code.as_str(), code.status(), code.error_type(), code.category()), (name, status, ty, cat));
+        for (&code, (name, status, ty, cat)) in ErrorCode::ALL.iter().zip(rows) {
+            assert_eq!(
+                (code.as_str(), code.status(), code.error_type(), code.category().as_str()),
+                (name, status, ty, cat)
+            );
         }
     }
 
     #[test]
     fn timeouts_answer_504() {
-        let mut e = ApiError::new(ErrorCode::NetworkError, "x");
-        assert_eq!(e.status(), 502);
-        e.timeout = true;
-        assert_eq!(e.status(), 504);
+        assert_eq!(ApiError::new(ErrorCode::NetworkError, "x").status(), 502);
+        assert_eq!(ApiError::timed_out("x").status(), 504);
     }
 }

@@ -1,16 +1,19 @@
-//! One image request's life, as a state machine with no host in it: the host feeds events
-//! (headers seen, body complete, Gemini call k answered) and carries out the effects
-//! (call Gemini, reply, log). Every path ends in exactly one reply and one log line.
+//! One image request's life, as a state machine with no host in it: the driver feeds events
+//! (body complete, L1 looked up, L2 answered, Gemini call k answered) and carries out the
+//! effects (look up, call, reply, store, log). The request is always in exactly one `Phase`;
+//! every path ends in `Done` with exactly one reply (or none, when the client left first) and
+//! one log line. See docs/architecture.md.
 
 use std::rc::Rc;
 
 use crate::access_log::{LogLevel, LogRecord};
 use crate::cache::{self, CacheKey, L1Read, StorePlan};
 use crate::config::Settings;
-use crate::error::{ApiError, ErrorCode};
+use crate::endpoint::Endpoint;
+use crate::error::{ApiError, Category, ErrorCode};
 use crate::gemini::{self, CallOutcome, CallResponse, GeminiImage, Usage};
 use crate::hot::HotEntry;
-use crate::metrics::{CacheTier, Counter, Histogram, Outcome};
+use crate::metrics::{CacheState, CacheTier, Counter, Histogram, Outcome};
 use crate::openai::{self, ImageView};
 use crate::request::{self, ImageRequest, ResponseFormat};
 use crate::safety::SafetyLevel;
@@ -18,6 +21,7 @@ use crate::safety::SafetyLevel;
 /// What the filter keeps of the request headers (they cannot be read after the headers phase).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestHead {
+    pub method: String,
     pub content_type: Option<String>,
     pub content_length: Option<u64>,
     pub request_id: Option<String>,
@@ -29,7 +33,9 @@ pub struct RequestHead {
 pub struct HttpCall {
     pub cluster: String,
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    /// Shared: the `n` Gemini calls of a request send one body, and a cache write sends the
+    /// entry that L1 keeps too.
+    pub body: Rc<Vec<u8>>,
     pub timeout_ms: u64,
 }
 
@@ -56,15 +62,15 @@ pub struct LogLine {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    /// Make `count` identical calls; answers come back as `on_call_response(index, ..)`.
+    /// Make `count` calls of `call`; answers come back as `on_call_response(index, ..)`.
     CallGemini {
         count: u32,
         call: HttpCall,
     },
     Reply(Reply),
     Log(LogLine),
-    /// Look the key up in L1 now: the worker's hot set (answer: `on_l1_hot`), then shared
-    /// data (answer: `on_l1_result`).
+    /// Look the key up in L1: the worker's hot set (answer: `on_l1_hot`), then shared data
+    /// (answer: `on_l1_result`).
     LookupL1 {
         key: CacheKey,
         max_entries: u32,
@@ -76,7 +82,7 @@ pub enum Effect {
         format: ResponseFormat,
         entry: HotEntry,
     },
-    /// Write an entry to an L1 slot: `data` first, then `meta`.
+    /// Write an entry to an L1 slot: `data` first, then `meta` only if that worked.
     StoreL1 {
         meta_key: String,
         meta: Vec<u8>,
@@ -84,71 +90,140 @@ pub enum Effect {
         data: Rc<Vec<u8>>,
     },
     /// Ask the cache service; the answer comes back as `on_l2_response`.
-    CallL2 {
-        call: HttpCall,
-    },
-    /// Store at the cache service from the root context (outliving this stream); no answer
-    /// is awaited. The body is `entry`.
-    WriteL2 {
-        call: HttpCall,
-        entry: Rc<Vec<u8>>,
-    },
+    CallL2(HttpCall),
+    /// Store at the cache service from the root context, so that the write outlives this
+    /// stream; no answer comes back to the exchange.
+    WriteL2(HttpCall),
     /// Add to a counter.
     Count(Counter, u64),
     /// Record a histogram value.
     Observe(Histogram, u64),
 }
 
-pub struct Exchange {
-    settings: Rc<Settings>,
-    head: RequestHead,
-    started_ms: u64,
-    request: Option<ImageRequest>,
-    prompt_hash: Option<String>,
-    model: Option<String>,
-    safety: Option<SafetyLevel>,
-    cache: CachePlan,
-    calls: Vec<Option<CallOutcome>>,
-    calls_made: u32,
-    upstream_started_ms: Option<u64>,
-    done: bool,
+/// Where a request is. Each phase holds what it needs, so a state that cannot happen cannot
+/// be written.
+enum Phase {
+    /// Headers seen; the body is arriving.
+    Receiving,
+    /// Waiting for the L1 lookup.
+    AwaitingL1(Box<Planned>),
+    /// Waiting for the cache service.
+    AwaitingL2(Box<Planned>),
+    /// Waiting for the Gemini calls.
+    AwaitingGemini(Box<Planned>, Calls),
+    /// Answered, or the client left: every later event is ignored.
+    Done,
 }
 
-/// What the cache does for this request.
+impl Phase {
+    fn into_awaiting_l1(self) -> Result<Box<Planned>, Phase> {
+        match self {
+            Phase::AwaitingL1(p) => Ok(p),
+            other => Err(other),
+        }
+    }
+
+    fn into_awaiting_l2(self) -> Result<Box<Planned>, Phase> {
+        match self {
+            Phase::AwaitingL2(p) => Ok(p),
+            other => Err(other),
+        }
+    }
+
+    fn into_awaiting_gemini(self) -> Result<(Box<Planned>, Calls), Phase> {
+        match self {
+            Phase::AwaitingGemini(p, c) => Ok((p, c)),
+            other => Err(other),
+        }
+    }
+}
+
+/// A valid request and what the cache does for it.
+struct Planned {
+    req: ImageRequest,
+    cache: CachePlan,
+}
+
+/// What the cache does for a request. No key: the cache is off, or the client said `no-store`.
 #[derive(Default)]
 struct CachePlan {
     key: Option<CacheKey>,
-    /// Look up (false with `no-cache`, `no-store`, or no cache configured).
+    /// Look up before calling Gemini (false with `no-cache`).
     lookup: bool,
-    /// Store a complete success (false with `no-store`).
-    store: bool,
-    /// The `x-image-cache` value.
-    state: &'static str,
     /// Where the L1 lookup said to store (and whether that evicts a live entry).
     l1_plan: Option<StorePlan>,
 }
 
+/// The Gemini calls in flight: one slot per call, filled as answers arrive.
+struct Calls {
+    outcomes: Vec<Option<CallOutcome>>,
+    started_ms: u64,
+}
+
+/// What a request learned before it could be refused: for the headers and the log line.
+#[derive(Default)]
+struct Known {
+    prompt_hash: Option<String>,
+    model: Option<String>,
+    safety: Option<SafetyLevel>,
+}
+
+/// How a finished request is reported: its log line and metrics.
+struct Ending<'a> {
+    status: u32,
+    outcome: Outcome,
+    error: Option<ErrorCode>,
+    planned: Option<&'a Planned>,
+    calls: Option<&'a Calls>,
+    upstream_status: Option<u32>,
+    images: u32,
+    failed_calls: u32,
+    usage: Option<Usage>,
+}
+
+impl<'a> Ending<'a> {
+    fn new(status: u32, outcome: Outcome, planned: Option<&'a Planned>) -> Ending<'a> {
+        Ending {
+            status,
+            outcome,
+            error: None,
+            planned,
+            calls: None,
+            upstream_status: None,
+            images: 0,
+            failed_calls: 0,
+            usage: None,
+        }
+    }
+}
+
+pub struct Exchange {
+    settings: Rc<Settings>,
+    head: RequestHead,
+    endpoint: Endpoint,
+    started_ms: u64,
+    known: Known,
+    cache_state: CacheState,
+    phase: Phase,
+}
+
 impl Exchange {
-    pub fn new(settings: Rc<Settings>, head: RequestHead, now_ms: u64) -> Exchange {
-        let state = initial_cache_state(&settings, &head);
+    pub fn new(settings: Rc<Settings>, endpoint: Endpoint, head: RequestHead, now_ms: u64) -> Exchange {
+        let no_store = head.cache_control.as_deref().is_some_and(|c| has_directive(c, "no-store"));
+        let cache_state = if settings.cache.is_some() && no_store { CacheState::Bypass } else { CacheState::Miss };
         Exchange {
             settings,
             head,
+            endpoint,
             started_ms: now_ms,
-            request: None,
-            prompt_hash: None,
-            model: None,
-            safety: None,
-            cache: CachePlan { state, ..CachePlan::default() },
-            calls: Vec::new(),
-            calls_made: 0,
-            upstream_started_ms: None,
-            done: false,
+            known: Known::default(),
+            cache_state,
+            phase: Phase::Receiving,
         }
     }
 
     pub fn is_done(&self) -> bool {
-        self.done
+        matches!(self.phase, Phase::Done)
     }
 
     /// Headers seen: a declared body over the limit is refused before it is read.
@@ -159,12 +234,28 @@ impl Exchange {
         }
     }
 
+    /// The request used a method its endpoint does not answer.
+    pub fn on_wrong_method(&mut self, now_ms: u64) -> Vec<Effect> {
+        let method: String = self.head.method.chars().take(16).collect();
+        let mut e = ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{} answers {} only, not {method:?}", self.endpoint.path(), self.endpoint.method()),
+        );
+        e.status_override = Some(405);
+        let mut effects = self.fail(e, now_ms);
+        for effect in &mut effects {
+            if let Effect::Reply(r) = effect {
+                r.headers.push(("allow".to_string(), self.endpoint.method().to_string()));
+            }
+        }
+        effects
+    }
+
     /// Part of the body arrived; `buffered` bytes so far.
     pub fn on_body_progress(&mut self, buffered: usize, now_ms: u64) -> Vec<Effect> {
-        if !self.done && buffered > self.settings.limits.max_body_bytes {
-            self.too_large(now_ms)
-        } else {
-            Vec::new()
+        match self.phase {
+            Phase::Receiving if buffered > self.settings.limits.max_body_bytes => self.too_large(now_ms),
+            _ => Vec::new(),
         }
     }
 
@@ -173,12 +264,12 @@ impl Exchange {
             ErrorCode::PayloadTooLarge,
             format!("request body is over this gateway's limit of {} bytes", self.settings.limits.max_body_bytes),
         );
-        self.fail(e, None, now_ms)
+        self.fail(e, now_ms)
     }
 
     /// The whole body is here.
     pub fn on_body(&mut self, body: &[u8], now_ms: u64) -> Vec<Effect> {
-        if self.done {
+        if !matches!(self.phase, Phase::Receiving) {
             return Vec::new();
         }
         if body.len() > self.settings.limits.max_body_bytes {
@@ -190,111 +281,88 @@ impl Exchange {
                 ErrorCode::InvalidRequest,
                 format!("content-type must be application/json, got {:?}", got.chars().take(64).collect::<String>()),
             );
-            return self.fail(e, None, now_ms);
+            return self.fail(e, now_ms);
         }
         let req = match request::parse_request(body, &self.settings) {
             Ok(r) => r,
             Err(rejection) => {
-                self.prompt_hash = rejection.prompt_hash;
-                self.model = rejection.model;
-                self.safety = rejection.safety;
-                return self.fail(rejection.error, None, now_ms);
+                self.known =
+                    Known { prompt_hash: rejection.prompt_hash, model: rejection.model, safety: rejection.safety };
+                return self.fail(rejection.error, now_ms);
             }
         };
-        self.prompt_hash = Some(req.prompt_hash.clone());
-        self.model = Some(req.model.clone());
-        self.safety = Some(req.safety);
-        self.plan_cache(&req);
-        self.request = Some(req);
-        match (&self.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
-            (Some(key), Some(l1)) if self.cache.lookup => {
-                let format = self.request.as_ref().map_or(ResponseFormat::B64Json, |r| r.response_format);
-                vec![Effect::LookupL1 { key: key.clone(), max_entries: l1.max_entries, format }]
+        self.known = Known {
+            prompt_hash: Some(req.prompt_hash.clone()),
+            model: Some(req.model.clone()),
+            safety: Some(req.safety),
+        };
+        let cache = self.plan_cache(&req);
+        let planned = Box::new(Planned { req, cache });
+        match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
+            (Some(key), Some(l1)) if planned.cache.lookup => {
+                let effect = Effect::LookupL1 {
+                    key: key.clone(),
+                    max_entries: l1.max_entries,
+                    format: planned.req.response_format,
+                };
+                self.phase = Phase::AwaitingL1(planned);
+                vec![effect]
             }
-            _ => self.after_l1(now_ms),
+            _ => self.after_l1(planned, now_ms),
         }
     }
 
-    fn plan_cache(&mut self, req: &ImageRequest) {
-        let Some(_) = &self.settings.cache else { return };
-        let cc = self.head.cache_control.as_deref().unwrap_or("");
-        if has_directive(cc, "no-store") {
-            return; // `bypass`, set at the start
+    fn plan_cache(&self, req: &ImageRequest) -> CachePlan {
+        if self.settings.cache.is_none() || self.cache_state == CacheState::Bypass {
+            return CachePlan::default();
         }
-        self.cache.key = Some(cache::cache_key(req, &self.settings.gemini.model));
-        self.cache.store = true;
-        self.cache.lookup = !has_directive(cc, "no-cache");
+        let cc = self.head.cache_control.as_deref().unwrap_or("");
+        CachePlan {
+            key: Some(cache::cache_key(req, &self.settings.gemini.model)),
+            lookup: !has_directive(cc, "no-cache"),
+            l1_plan: None,
+        }
     }
 
     /// L1 answered (the host looked the key up in shared data).
     pub fn on_l1_result(&mut self, read: L1Read, now_ms: u64) -> Vec<Effect> {
-        if self.done {
-            return Vec::new();
-        }
+        let Some(mut planned) = self.take(Phase::into_awaiting_l1) else { return Vec::new() };
         match read {
-            L1Read::Hit(bytes) => {
-                let mut effects = self.serve_entry(&bytes, CacheTier::L1, now_ms);
-                if effects.is_empty() {
-                    effects = self.after_l1(now_ms); // unreadable after all: a miss
-                }
-                effects
-            }
+            L1Read::Hit(bytes) => match self.serve_entry(&planned, &bytes, CacheTier::L1, now_ms) {
+                Some(effects) => effects,
+                None => self.after_l1(planned, now_ms), // unreadable after all: a miss
+            },
             L1Read::Miss(plan) => {
-                self.cache.l1_plan = Some(plan);
-                self.after_l1(now_ms)
+                planned.cache.l1_plan = Some(plan);
+                self.after_l1(planned, now_ms)
             }
         }
     }
 
     /// The worker's hot set had the rendered answer.
     pub fn on_l1_hot(&mut self, hot: HotEntry, now_ms: u64) -> Vec<Effect> {
-        if self.done {
-            return Vec::new();
+        let Some(planned) = self.take(Phase::into_awaiting_l1) else { return Vec::new() };
+        self.serve_hit(&planned, CacheTier::L1, hot.body, hot.images, hot.usage, now_ms)
+    }
+
+    /// Takes the phase out for a transition when `pick` accepts it, leaving `Done` until the
+    /// transition sets the next one. The one place where an event that does not fit the phase
+    /// (a late or repeated answer, anything after `Done`) is turned away: the phase stays as
+    /// it was and the event is ignored.
+    fn take<T>(&mut self, pick: fn(Phase) -> Result<T, Phase>) -> Option<T> {
+        match pick(std::mem::replace(&mut self.phase, Phase::Done)) {
+            Ok(taken) => Some(taken),
+            Err(phase) => {
+                self.phase = phase;
+                None
+            }
         }
-        self.serve_hit(CacheTier::L1, hot.body, hot.images, hot.usage, now_ms)
-    }
-
-    /// The reply, log line and counters of a cache hit whose answer is rendered.
-    fn serve_hit(
-        &mut self,
-        tier: CacheTier,
-        body: Rc<Vec<u8>>,
-        images: u32,
-        usage: Option<Usage>,
-        now_ms: u64,
-    ) -> Vec<Effect> {
-        self.cache.state = tier.header_value();
-        let headers = self.common_headers();
-        let mut record = self.log_record(200, now_ms);
-        record.images = images;
-        record.usage = usage;
-        self.done = true;
-        let mut effects = vec![
-            Effect::Reply(Reply { status: 200, headers, body }),
-            Effect::Log(LogLine { level: LogLevel::Info, json: record.to_json() }),
-            Effect::Count(Counter::CacheHits(tier), 1),
-            Effect::Count(Counter::Images, u64::from(images)),
-        ];
-        effects.extend(self.outcome_metrics(Outcome::Success, now_ms));
-        effects
-    }
-
-    /// The hot-set effect for an answer just rendered, when L1 is on.
-    fn remember(&self, body: &Rc<Vec<u8>>, images: u32, usage: Option<Usage>) -> Option<Effect> {
-        let c = self.settings.cache.as_ref()?;
-        c.l1.as_ref()?;
-        let (key, req) = (self.cache.key.as_ref()?, self.request.as_ref()?);
-        Some(Effect::RememberHot {
-            key: key.key.clone(),
-            format: req.response_format,
-            entry: HotEntry { body: body.clone(), images, usage, expires_at_s: self.started_ms / 1000 + c.ttl_seconds },
-        })
     }
 
     /// After an L1 miss (or with no L1): ask L2, or go to Gemini.
-    fn after_l1(&mut self, now_ms: u64) -> Vec<Effect> {
-        match (&self.cache.key, self.settings.cache.as_ref().and_then(|c| c.l2.as_ref())) {
-            (Some(key), Some(l2)) if self.cache.lookup => {
+    fn after_l1(&mut self, planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
+        match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l2.as_ref())) {
+            (Some(key), Some(l2)) if planned.cache.lookup => {
                 let mut headers = vec![
                     (":method".to_string(), "GET".to_string()),
                     (":path".to_string(), cache::l2_path(&key.key)),
@@ -303,51 +371,43 @@ impl Exchange {
                 if let Some(token) = &l2.token {
                     headers.push(("authorization".to_string(), format!("Bearer {token}")));
                 }
-                vec![Effect::CallL2 {
-                    call: HttpCall {
-                        cluster: l2.cluster.clone(),
-                        headers,
-                        body: Vec::new(),
-                        timeout_ms: l2.timeout_ms,
-                    },
-                }]
+                let call = HttpCall {
+                    cluster: l2.cluster.clone(),
+                    headers,
+                    body: Rc::new(Vec::new()),
+                    timeout_ms: l2.timeout_ms,
+                };
+                self.phase = Phase::AwaitingL2(planned);
+                vec![Effect::CallL2(call)]
             }
-            _ => self.call_gemini(now_ms),
+            _ => self.call_gemini(planned, now_ms),
         }
     }
 
     /// The cache service answered (or failed, or timed out): a hit is served, anything else
     /// costs only a miss.
     pub fn on_l2_response(&mut self, response: CallResponse, now_ms: u64) -> Vec<Effect> {
-        if self.done {
-            return Vec::new();
-        }
+        let Some(planned) = self.take(Phase::into_awaiting_l2) else { return Vec::new() };
         let mut effects = Vec::new();
         match response.status {
-            Some(200) => {
-                effects = self.serve_entry(&response.body, CacheTier::L2, now_ms);
-                if effects.is_empty() {
-                    effects.push(Effect::Count(Counter::CacheL2Errors, 1)); // garbled
-                } else {
+            Some(200) => match self.serve_entry(&planned, &response.body, CacheTier::L2, now_ms) {
+                Some(mut served) => {
                     // Fill L1 from L2.
-                    if let Some(store) = self.l1_store(Rc::new(response.body)) {
-                        effects.extend(store);
-                    }
-                    return effects;
+                    served.extend(self.l1_store(&planned, Rc::new(response.body)));
+                    return served;
                 }
-            }
+                None => effects.push(Effect::Count(Counter::CacheL2Errors, 1)), // garbled
+            },
             Some(404) => {}
             _ => effects.push(Effect::Count(Counter::CacheL2Errors, 1)),
         }
-        effects.extend(self.call_gemini(now_ms));
+        effects.extend(self.call_gemini(planned, now_ms));
         effects
     }
 
-    fn call_gemini(&mut self, now_ms: u64) -> Vec<Effect> {
-        let Some(req) = &self.request else {
-            return self.fail(ApiError::new(ErrorCode::InternalError, "request state lost"), None, now_ms);
-        };
+    fn call_gemini(&mut self, planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
         let g = &self.settings.gemini;
+        let req = &planned.req;
         let mut headers = vec![
             (":method".to_string(), "POST".to_string()),
             (":path".to_string(), gemini::generate_content_path(&g.model)),
@@ -361,47 +421,159 @@ impl Exchange {
         let call = HttpCall {
             cluster: g.cluster.clone(),
             headers,
-            body: gemini::request_body(&req.final_prompt, req.ratio, req.image_size, req.safety),
+            body: Rc::new(gemini::request_body(&req.final_prompt, req.ratio, req.image_size, req.safety)),
             timeout_ms: g.timeout_ms,
         };
         let count = req.n;
-        self.calls = vec![None; count as usize];
-        self.calls_made = count;
-        self.upstream_started_ms = Some(now_ms);
         let mut effects = Vec::with_capacity(2);
         if self.settings.cache.is_some() {
-            effects.push(Effect::Count(
-                if self.cache.key.is_some() { Counter::CacheMisses } else { Counter::CacheBypass },
-                1,
-            ));
+            let looked = planned.cache.key.is_some();
+            effects.push(Effect::Count(if looked { Counter::CacheMisses } else { Counter::CacheBypass }, 1));
         }
         effects.push(Effect::CallGemini { count, call });
+        let calls = Calls { outcomes: vec![None; count as usize], started_ms: now_ms };
+        self.phase = Phase::AwaitingGemini(planned, calls);
         effects
     }
 
-    /// Answers from a cache entry; empty when the entry does not read back.
-    fn serve_entry(&mut self, bytes: &[u8], tier: CacheTier, now_ms: u64) -> Vec<Effect> {
-        let (Some(key), Some(req)) = (&self.cache.key, &self.request) else { return Vec::new() };
+    /// Call `index` could not even be dispatched (unknown cluster, host refused). `why` is for
+    /// the operator's log, never for the client.
+    pub fn on_call_not_dispatched(&mut self, index: u32, now_ms: u64) -> Vec<Effect> {
+        let e = ApiError::new(ErrorCode::InternalError, "the gateway could not call Gemini");
+        self.record(index, CallOutcome { upstream_status: 0, result: Err(e), usage: None }, now_ms)
+    }
+
+    /// Call `index` answered (or failed).
+    pub fn on_call_response(&mut self, index: u32, response: CallResponse, now_ms: u64) -> Vec<Effect> {
+        if !matches!(self.phase, Phase::AwaitingGemini(..)) {
+            return Vec::new();
+        }
+        let elapsed = response.elapsed_ms;
+        let mut effects = self.record(index, gemini::read_call(response), now_ms);
+        effects.push(Effect::Observe(Histogram::UpstreamLatencyMs, elapsed));
+        effects
+    }
+
+    fn record(&mut self, index: u32, outcome: CallOutcome, now_ms: u64) -> Vec<Effect> {
+        let Phase::AwaitingGemini(_, calls) = &mut self.phase else { return Vec::new() };
+        match calls.outcomes.get_mut(index as usize) {
+            Some(slot @ None) => *slot = Some(outcome),
+            _ => return Vec::new(), // unknown or repeated: ignore
+        }
+        if calls.outcomes.iter().any(Option::is_none) {
+            return Vec::new();
+        }
+        let Some((planned, calls)) = self.take(Phase::into_awaiting_gemini) else { return Vec::new() };
+        self.finish(&planned, &calls, now_ms)
+    }
+
+    /// Every call answered: the images that came, or the most telling error.
+    fn finish(&mut self, planned: &Planned, calls: &Calls, now_ms: u64) -> Vec<Effect> {
+        let mut usage: Option<Usage> = None;
+        for u in calls.outcomes.iter().flatten().filter_map(|c| c.usage) {
+            usage.get_or_insert_with(Usage::default).add(u);
+        }
+        let images: Vec<ImageView> =
+            calls.outcomes.iter().flatten().filter_map(|c| c.result.as_ref().ok()).map(GeminiImage::view).collect();
+        let failed = (calls.outcomes.len() - images.len()) as u32;
+        if images.is_empty() {
+            let chosen = calls
+                .outcomes
+                .iter()
+                .flatten()
+                .filter_map(|c| c.result.as_ref().err().map(|e| (e, c.upstream_status)))
+                .min_by_key(|(e, _)| e.code.precedence());
+            let (e, status) = match chosen {
+                Some((e, s)) => (e.clone(), Some(s)),
+                None => (ApiError::new(ErrorCode::InternalError, "no Gemini call was made"), None),
+            };
+            let mut ending = Ending::new(e.status(), Outcome::Error, Some(planned));
+            ending.calls = Some(calls);
+            ending.upstream_status = status;
+            ending.failed_calls = failed;
+            return self.error_reply(e, ending, now_ms);
+        }
+        let created = now_ms / 1000;
+        let req = &planned.req;
+        let body = Rc::new(openai::images_body(created, &images, req.response_format, usage));
+        let mut headers = self.common_headers();
+        if failed > 0 {
+            headers.push(("x-images-failed".to_string(), failed.to_string()));
+        }
+        let outcome = if failed > 0 { Outcome::Partial } else { Outcome::Success };
+        let mut ending = Ending::new(200, outcome, Some(planned));
+        ending.calls = Some(calls);
+        ending.upstream_status = Some(200);
+        ending.images = images.len() as u32;
+        ending.failed_calls = failed;
+        ending.usage = usage;
+        let mut effects = vec![Effect::Reply(Reply { status: 200, headers, body: body.clone() })];
+        effects.extend(self.report(&ending, now_ms));
+        effects.push(Effect::Count(Counter::Images, u64::from(ending.images)));
+        if failed == 0 {
+            // Only complete successes are stored.
+            effects.extend(self.remember(planned, &body, ending.images, usage));
+            effects.extend(self.store(planned, &images, usage, created));
+        }
+        effects
+    }
+
+    /// Answers from a cache entry; `None` when the entry does not read back.
+    fn serve_entry(&mut self, planned: &Planned, bytes: &[u8], tier: CacheTier, now_ms: u64) -> Option<Vec<Effect>> {
+        let key = planned.cache.key.as_ref()?;
         // Entries are written only by this filter; the magic, the lengths and the key inside
         // catch garbage, truncation and mix-ups without scanning megabytes of base64 again.
-        let Some(entry) = cache::decode_entry(bytes, &key.key, false) else { return Vec::new() };
-        let body = Rc::new(openai::images_body(entry.created, &entry.images, req.response_format, entry.usage));
+        let entry = cache::decode_entry(bytes, &key.key, false)?;
+        let body = Rc::new(openai::images_body(entry.created, &entry.images, planned.req.response_format, entry.usage));
         let images = entry.images.len() as u32;
-        let remember = self.remember(&body, images, entry.usage);
-        let mut effects = self.serve_hit(tier, body, images, entry.usage, now_ms);
+        let remember = self.remember(planned, &body, images, entry.usage);
+        let mut effects = self.serve_hit(planned, tier, body, images, entry.usage, now_ms);
         effects.extend(remember);
+        Some(effects)
+    }
+
+    /// The reply, log line and counters of a cache hit whose answer is rendered.
+    fn serve_hit(
+        &mut self,
+        planned: &Planned,
+        tier: CacheTier,
+        body: Rc<Vec<u8>>,
+        images: u32,
+        usage: Option<Usage>,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        self.cache_state = CacheState::Hit(tier);
+        let headers = self.common_headers();
+        let mut ending = Ending::new(200, Outcome::Success, Some(planned));
+        ending.images = images;
+        ending.usage = usage;
+        let mut effects = vec![Effect::Reply(Reply { status: 200, headers, body })];
+        effects.extend(self.report(&ending, now_ms));
+        effects.push(Effect::Count(Counter::CacheHits(tier), 1));
+        effects.push(Effect::Count(Counter::Images, u64::from(images)));
         effects
+    }
+
+    /// The hot-set effect for an answer just rendered, when L1 is on.
+    fn remember(&self, planned: &Planned, body: &Rc<Vec<u8>>, images: u32, usage: Option<Usage>) -> Option<Effect> {
+        let c = self.settings.cache.as_ref()?;
+        c.l1.as_ref()?;
+        let key = planned.cache.key.as_ref()?;
+        Some(Effect::RememberHot {
+            key: key.key.clone(),
+            format: planned.req.response_format,
+            entry: HotEntry { body: body.clone(), images, usage, expires_at_s: self.started_ms / 1000 + c.ttl_seconds },
+        })
     }
 
     /// The L1 write for an entry, if L1 is on and the entry fits.
-    fn l1_store(&self, entry: Rc<Vec<u8>>) -> Option<Vec<Effect>> {
-        let c = self.settings.cache.as_ref()?;
-        let l1 = c.l1.as_ref()?;
-        let key = self.cache.key.as_ref()?;
+    fn l1_store(&self, planned: &Planned, entry: Rc<Vec<u8>>) -> Vec<Effect> {
+        let (Some(c), Some(key)) = (&self.settings.cache, &planned.cache.key) else { return Vec::new() };
+        let Some(l1) = &c.l1 else { return Vec::new() };
         if entry.len() > l1.max_entry_bytes {
-            return Some(vec![Effect::Count(Counter::CacheL1TooLarge, 1)]);
+            return vec![Effect::Count(Counter::CacheL1TooLarge, 1)];
         }
-        let plan = self.cache.l1_plan.unwrap_or(StorePlan {
+        let plan = planned.cache.l1_plan.unwrap_or(StorePlan {
             slot: cache::l1_slots(key, l1.max_entries).first().map_or(0, |s| s.index),
             evicts: false,
         });
@@ -419,19 +591,17 @@ impl Exchange {
         if plan.evicts {
             effects.push(Effect::Count(Counter::CacheL1Evictions, 1));
         }
-        Some(effects)
+        effects
     }
 
     /// The writes for a complete success: L1 now, L2 from the root context.
-    fn store_effects(&self, images: &[ImageView], usage: Option<Usage>, created: u64) -> Vec<Effect> {
-        let (true, Some(key), Some(c)) = (self.cache.store, &self.cache.key, &self.settings.cache) else {
-            return Vec::new();
-        };
+    fn store(&self, planned: &Planned, images: &[ImageView], usage: Option<Usage>, created: u64) -> Vec<Effect> {
+        let (Some(key), Some(c)) = (&planned.cache.key, &self.settings.cache) else { return Vec::new() };
         if c.l1.is_none() && c.l2.is_none() {
             return Vec::new();
         }
         let entry = Rc::new(cache::encode_entry(&key.key, created, usage, images));
-        let mut effects = self.l1_store(entry.clone()).unwrap_or_default();
+        let mut effects = self.l1_store(planned, entry.clone());
         if let Some(l2) = &c.l2 {
             let mut headers = vec![
                 (":method".to_string(), "PUT".to_string()),
@@ -443,135 +613,38 @@ impl Exchange {
             if let Some(token) = &l2.token {
                 headers.push(("authorization".to_string(), format!("Bearer {token}")));
             }
-            let call = HttpCall {
-                cluster: l2.cluster.clone(),
-                headers,
-                body: Vec::new(),
-                timeout_ms: l2.timeout_ms.max(1000),
-            };
-            effects.push(Effect::WriteL2 { call, entry });
+            let call =
+                HttpCall { cluster: l2.cluster.clone(), headers, body: entry, timeout_ms: l2.timeout_ms.max(1000) };
+            effects.push(Effect::WriteL2(call));
             effects.push(Effect::Count(Counter::CacheStores(CacheTier::L2), 1));
-        }
-        effects
-    }
-
-    /// Call `index` could not even be dispatched (unknown cluster, host refused).
-    pub fn on_call_not_dispatched(&mut self, index: u32, why: &str, now_ms: u64) -> Vec<Effect> {
-        let e = ApiError::new(ErrorCode::InternalError, format!("the gateway could not call Gemini: {why}"));
-        self.record(index, CallOutcome { upstream_status: 0, result: Err(e), usage: None }, now_ms)
-    }
-
-    /// Call `index` answered (or failed).
-    pub fn on_call_response(&mut self, index: u32, response: CallResponse, now_ms: u64) -> Vec<Effect> {
-        if self.done {
-            return Vec::new();
-        }
-        let elapsed = response.elapsed_ms;
-        let mut effects = self.record(index, gemini::read_call(response), now_ms);
-        effects.push(Effect::Observe(Histogram::UpstreamLatencyMs, elapsed));
-        effects
-    }
-
-    fn record(&mut self, index: u32, outcome: CallOutcome, now_ms: u64) -> Vec<Effect> {
-        match self.calls.get_mut(index as usize) {
-            Some(slot @ None) => *slot = Some(outcome),
-            _ => return Vec::new(), // unknown or repeated: ignore
-        }
-        if self.done || self.calls.iter().any(Option::is_none) {
-            return Vec::new();
-        }
-        self.finish(now_ms)
-    }
-
-    fn finish(&mut self, now_ms: u64) -> Vec<Effect> {
-        let calls = std::mem::take(&mut self.calls);
-        let mut usage: Option<Usage> = None;
-        for u in calls.iter().flatten().filter_map(|c| c.usage) {
-            usage.get_or_insert_with(Usage::default).add(u);
-        }
-        let images: Vec<ImageView> =
-            calls.iter().flatten().filter_map(|c| c.result.as_ref().ok()).map(GeminiImage::view).collect();
-        let failed = calls.len() - images.len();
-        if images.is_empty() {
-            // All failed: answer with the most telling error.
-            let chosen = calls
-                .iter()
-                .flatten()
-                .filter_map(|c| c.result.as_ref().err().map(|e| (e, c.upstream_status)))
-                .min_by_key(|(e, _)| e.code.precedence());
-            let (e, status) = match chosen {
-                Some((e, s)) => (e.clone(), Some(s)),
-                None => (ApiError::new(ErrorCode::InternalError, "no Gemini call was made"), None),
-            };
-            return self.fail(e, status, now_ms);
-        }
-        let Some(req) = &self.request else {
-            return self.fail(ApiError::new(ErrorCode::InternalError, "request state lost"), None, now_ms);
-        };
-        let created = now_ms / 1000;
-        let body = Rc::new(openai::images_body(created, &images, req.response_format, usage));
-        let mut headers = self.common_headers();
-        if failed > 0 {
-            headers.push(("x-images-failed".to_string(), failed.to_string()));
-        }
-        let mut record = self.log_record(200, now_ms);
-        record.images = images.len() as u32;
-        record.failed_calls = failed as u32;
-        record.upstream_status = Some(200);
-        record.usage = usage;
-        self.done = true;
-        let outcome = if failed > 0 { Outcome::Partial } else { Outcome::Success };
-        let mut effects = vec![
-            Effect::Reply(Reply { status: 200, headers, body }),
-            Effect::Log(LogLine { level: LogLevel::Info, json: record.to_json() }),
-            Effect::Count(Counter::Images, images.len() as u64),
-        ];
-        effects.extend(self.outcome_metrics(outcome, now_ms));
-        if failed == 0 && self.cache.store {
-            // Only complete successes are stored.
-            if let Some(Effect::Reply(reply)) = effects.first() {
-                effects.extend(self.remember(&reply.body, images.len() as u32, usage));
-            }
-            effects.extend(self.store_effects(&images, usage, created));
-        }
-        effects
-    }
-
-    /// The counters and histogram every finished request updates.
-    fn outcome_metrics(&self, outcome: Outcome, now_ms: u64) -> Vec<Effect> {
-        let mut effects = vec![
-            Effect::Count(Counter::Requests(outcome), 1),
-            Effect::Observe(Histogram::RequestLatencyMs, now_ms.saturating_sub(self.started_ms)),
-        ];
-        if let Some(req) = &self.request {
-            effects.push(Effect::Count(Counter::ModelRequests(req.variant.name()), 1));
-            effects.push(Effect::Count(Counter::SafetyApplied(req.safety), 1));
-        }
-        if self.calls_made > 0 {
-            effects.push(Effect::Count(Counter::UpstreamCalls, u64::from(self.calls_made)));
         }
         effects
     }
 
     /// The client went away before the answer: one log line, no reply.
     pub fn on_abandoned(&mut self, now_ms: u64) -> Vec<Effect> {
-        if self.done {
-            return Vec::new();
-        }
-        self.done = true;
-        let mut record = self.log_record(499, now_ms);
-        record.outcome = "client_closed";
-        let mut effects = vec![Effect::Log(LogLine { level: LogLevel::Warn, json: record.to_json() })];
-        effects.extend(self.outcome_metrics(Outcome::ClientClosed, now_ms));
-        effects
+        let (planned, calls) = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Done => return Vec::new(),
+            Phase::Receiving => (None, None),
+            Phase::AwaitingL1(p) | Phase::AwaitingL2(p) => (Some(p), None),
+            Phase::AwaitingGemini(p, c) => (Some(p), Some(c)),
+        };
+        let mut ending = Ending::new(499, Outcome::ClientClosed, planned.as_deref());
+        ending.calls = calls.as_ref();
+        self.report(&ending, now_ms)
     }
 
-    fn fail(&mut self, e: ApiError, upstream_status: Option<u32>, now_ms: u64) -> Vec<Effect> {
-        if self.done {
+    /// Refuses the request while its body is still arriving or being read.
+    fn fail(&mut self, e: ApiError, now_ms: u64) -> Vec<Effect> {
+        if !matches!(self.phase, Phase::Receiving) {
             return Vec::new();
         }
-        self.done = true;
-        let status = e.status();
+        let ending = Ending::new(e.status(), Outcome::Error, None);
+        self.error_reply(e, ending, now_ms)
+    }
+
+    /// The error reply, its log line and counters.
+    fn error_reply(&mut self, e: ApiError, mut ending: Ending, now_ms: u64) -> Vec<Effect> {
         let mut headers = self.common_headers();
         if !e.code.should_retry() {
             headers.push(("x-should-retry".to_string(), "false".to_string()));
@@ -579,72 +652,80 @@ impl Exchange {
         if let Some(secs) = e.retry_after {
             headers.push(("retry-after".to_string(), secs.to_string()));
         }
-        let mut record = self.log_record(status, now_ms);
-        record.upstream_status = upstream_status;
-        record.outcome = "error";
-        record.error = Some(e.code);
-        record.failed_calls = if upstream_status.is_some() { self.calls_made } else { 0 };
-        let level = if e.code.category() == "USER_ERROR" { LogLevel::Warn } else { LogLevel::Error };
-        let mut effects = vec![
-            Effect::Reply(Reply { status, headers, body: Rc::new(openai::error_body(&e)) }),
-            Effect::Log(LogLine { level, json: record.to_json() }),
-            Effect::Count(Counter::Errors(e.code), 1),
-        ];
-        if let (ErrorCode::SafetyBlocked, Some(level)) = (e.code, self.safety) {
+        ending.error = Some(e.code);
+        let mut effects =
+            vec![Effect::Reply(Reply { status: ending.status, headers, body: Rc::new(openai::error_body(&e)) })];
+        effects.extend(self.report(&ending, now_ms));
+        effects.push(Effect::Count(Counter::Errors(e.code), 1));
+        if let (ErrorCode::SafetyBlocked, Some(level)) = (e.code, self.known.safety) {
             effects.push(Effect::Count(Counter::SafetyBlocks(level), 1));
         }
-        effects.extend(self.outcome_metrics(Outcome::Error, now_ms));
+        effects
+    }
+
+    /// The log line, and the counters and histogram every finished request updates.
+    fn report(&mut self, ending: &Ending, now_ms: u64) -> Vec<Effect> {
+        self.phase = Phase::Done;
+        let level = match (ending.error.map(ErrorCode::category), ending.outcome) {
+            (Some(Category::UserError), _) | (None, Outcome::ClientClosed) => LogLevel::Warn,
+            (Some(_), _) => LogLevel::Error,
+            (None, _) => LogLevel::Info,
+        };
+        let latency = now_ms.saturating_sub(self.started_ms);
+        let mut effects = vec![
+            Effect::Log(LogLine { level, json: self.log_record(ending, now_ms).to_json() }),
+            Effect::Count(Counter::Requests(ending.outcome), 1),
+            Effect::Observe(Histogram::RequestLatencyMs, latency),
+        ];
+        if let Some(p) = ending.planned {
+            effects.push(Effect::Count(Counter::ModelRequests(p.req.variant.name()), 1));
+            effects.push(Effect::Count(Counter::SafetyApplied(p.req.safety), 1));
+        }
+        if let Some(calls) = ending.calls {
+            effects.push(Effect::Count(Counter::UpstreamCalls, calls.outcomes.len() as u64));
+        }
         effects
     }
 
     fn common_headers(&self) -> Vec<(String, String)> {
         let mut h = vec![
             ("content-type".to_string(), "application/json".to_string()),
-            ("x-image-cache".to_string(), self.cache.state.to_string()),
+            ("x-image-cache".to_string(), self.cache_state.as_str().to_string()),
         ];
-        if let Some(p) = &self.prompt_hash {
+        if let Some(p) = &self.known.prompt_hash {
             h.push(("x-image-prompt-hash".to_string(), p.clone()));
         }
-        if let Some(s) = self.safety {
+        if let Some(s) = self.known.safety {
             h.push(("x-image-safety".to_string(), s.as_str().to_string()));
         }
         h
     }
 
-    fn log_record(&self, status: u32, now_ms: u64) -> LogRecord {
-        let req = self.request.as_ref();
+    fn log_record(&self, ending: &Ending, now_ms: u64) -> LogRecord {
+        let req = ending.planned.map(|p| &p.req);
         LogRecord {
-            outcome: "success",
-            status,
-            error: None,
-            model: self.model.clone(),
+            endpoint: self.endpoint,
+            outcome: ending.outcome,
+            status: ending.status,
+            error: ending.error,
+            model: self.known.model.clone(),
             variant: req.map(|r| r.variant.name()),
             n: req.map(|r| r.n),
             aspect_ratio: req.map(|r| r.ratio.as_str()),
             image_size: req.and_then(|r| r.image_size).map(|s| s.as_str()),
             quality: req.and_then(|r| r.quality).map(|q| q.as_str()),
             style: req.and_then(|r| r.style).map(|s| s.as_str()),
-            safety: self.safety.map(|s| s.as_str()),
-            cache: self.cache.state,
+            safety: self.known.safety.map(|s| s.as_str()),
+            cache: self.cache_state,
             latency_ms: now_ms.saturating_sub(self.started_ms),
-            upstream_latency_ms: self.upstream_started_ms.map(|t| now_ms.saturating_sub(t)),
-            upstream_status: None,
-            prompt_hash: self.prompt_hash.clone(),
+            upstream_latency_ms: ending.calls.map(|c| now_ms.saturating_sub(c.started_ms)),
+            upstream_status: ending.upstream_status,
+            prompt_hash: self.known.prompt_hash.clone(),
             request_id: self.head.request_id.clone(),
-            images: 0,
-            failed_calls: 0,
-            usage: None,
+            images: ending.images,
+            failed_calls: ending.failed_calls,
+            usage: ending.usage,
         }
-    }
-}
-
-/// `bypass` when a cache is configured and the client said `no-store`, else `miss`.
-fn initial_cache_state(settings: &Settings, head: &RequestHead) -> &'static str {
-    let no_store = head.cache_control.as_deref().is_some_and(|c| has_directive(c, "no-store"));
-    if settings.cache.is_some() && no_store {
-        "bypass"
-    } else {
-        "miss"
     }
 }
 

@@ -226,15 +226,11 @@ fn cut(s: &str) -> String {
 pub fn read_call(resp: CallResponse) -> CallOutcome {
     let Some(status) = resp.status else {
         let timeout = resp.timeout_ms > 0 && resp.elapsed_ms + 50 >= resp.timeout_ms;
-        let mut e = ApiError::new(
-            ErrorCode::NetworkError,
-            if timeout {
-                "Gemini did not answer within the gateway's timeout"
-            } else {
-                "the connection to Gemini failed before an answer arrived"
-            },
-        );
-        e.timeout = timeout;
+        let e = if timeout {
+            ApiError::timed_out("Gemini did not answer within the gateway's timeout")
+        } else {
+            ApiError::new(ErrorCode::NetworkError, "the connection to Gemini failed before an answer arrived")
+        };
         return CallOutcome { upstream_status: 0, result: Err(e), usage: None };
     };
     if status == 200 {
@@ -376,18 +372,8 @@ fn read_failure(status: u32, content_type: Option<&str>, body: &[u8]) -> ApiErro
         // Not Gemini's JSON: Envoy's own answer for a failed connection, or a proxy in between.
         let from_envoy = !content_type.is_some_and(|c| c.contains("json"));
         return match status {
-            502..=504 if from_envoy => {
-                let mut e = ApiError::new(
-                    ErrorCode::NetworkError,
-                    if status == 504 {
-                        "Gemini did not answer within the gateway's timeout"
-                    } else {
-                        "the connection to Gemini failed"
-                    },
-                );
-                e.timeout = status == 504;
-                e
-            }
+            504 if from_envoy => ApiError::timed_out("Gemini did not answer within the gateway's timeout"),
+            502 | 503 if from_envoy => ApiError::new(ErrorCode::NetworkError, "the connection to Gemini failed"),
             429 => ApiError::new(ErrorCode::QuotaExhausted, "Gemini's quota is exhausted (429)"),
             401 | 403 => auth_error(),
             503 => ApiError::new(ErrorCode::ServiceUnavailable, "Gemini is unavailable (503)"),

@@ -1,6 +1,8 @@
 //! Aspect ratios and image sizes: the two knobs Gemini's `imageConfig` takes.
 //! One place parses them, one place prints them.
 
+use crate::named::{named, Named};
+
 /// The aspect ratios Gemini 3 Pro Image accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AspectRatio {
@@ -16,20 +18,21 @@ pub enum AspectRatio {
     R21x9,
 }
 
-impl AspectRatio {
-    pub const ALL: [AspectRatio; 10] = [
-        AspectRatio::R1x1,
-        AspectRatio::R2x3,
-        AspectRatio::R3x2,
-        AspectRatio::R3x4,
-        AspectRatio::R4x3,
-        AspectRatio::R4x5,
-        AspectRatio::R5x4,
-        AspectRatio::R9x16,
-        AspectRatio::R16x9,
-        AspectRatio::R21x9,
-    ];
+// The wire form Gemini takes, e.g. `16:9`.
+named!(AspectRatio {
+    R1x1 => "1:1",
+    R2x3 => "2:3",
+    R3x2 => "3:2",
+    R3x4 => "3:4",
+    R4x3 => "4:3",
+    R4x5 => "4:5",
+    R5x4 => "5:4",
+    R9x16 => "9:16",
+    R16x9 => "16:9",
+    R21x9 => "21:9",
+});
 
+impl AspectRatio {
     /// Width and height terms of the ratio.
     pub fn terms(self) -> (u32, u32) {
         match self {
@@ -46,26 +49,9 @@ impl AspectRatio {
         }
     }
 
-    /// The wire form Gemini takes, e.g. `16:9`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AspectRatio::R1x1 => "1:1",
-            AspectRatio::R2x3 => "2:3",
-            AspectRatio::R3x2 => "3:2",
-            AspectRatio::R3x4 => "3:4",
-            AspectRatio::R4x3 => "4:3",
-            AspectRatio::R4x5 => "4:5",
-            AspectRatio::R5x4 => "5:4",
-            AspectRatio::R9x16 => "9:16",
-            AspectRatio::R16x9 => "16:9",
-            AspectRatio::R21x9 => "21:9",
-        }
-    }
-
     /// Exactly one of the supported ratios, written `W:H`.
     pub fn parse_exact(s: &str) -> Option<AspectRatio> {
-        let s = s.trim();
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
+        Self::parse(s.trim())
     }
 
     /// The supported ratio nearest to `w/h`, if it lies within 5% of it.
@@ -75,7 +61,7 @@ impl AspectRatio {
         }
         let want = w as f64 / h as f64;
         let mut best: Option<(AspectRatio, f64)> = None;
-        for r in Self::ALL {
+        for &r in Self::ALL {
             let (rw, rh) = r.terms();
             let off = (want / (rw as f64 / rh as f64) - 1.0).abs();
             if best.is_none_or(|(_, b)| off < b) {
@@ -127,25 +113,7 @@ pub enum ImageSize {
     K4,
 }
 
-impl ImageSize {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageSize::K1 => "1K",
-            ImageSize::K2 => "2K",
-            ImageSize::K4 => "4K",
-        }
-    }
-
-    /// `1K`, `2K`, `4K`, any case.
-    pub fn parse(s: &str) -> Option<ImageSize> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "1K" => Some(ImageSize::K1),
-            "2K" => Some(ImageSize::K2),
-            "4K" => Some(ImageSize::K4),
-            _ => None,
-        }
-    }
-}
+named!(ImageSize { K1 => "1K", K2 => "2K", K4 => "4K" });
 
 /// The OpenAI `quality` field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -158,30 +126,16 @@ pub enum Quality {
     Hd,
 }
 
+named!(Quality {
+    Auto => "auto",
+    Standard => "standard",
+    Low => "low",
+    Medium => "medium",
+    High => "high",
+    Hd => "hd",
+});
+
 impl Quality {
-    pub fn parse(s: &str) -> Option<Quality> {
-        match s {
-            "auto" => Some(Quality::Auto),
-            "standard" => Some(Quality::Standard),
-            "low" => Some(Quality::Low),
-            "medium" => Some(Quality::Medium),
-            "high" => Some(Quality::High),
-            "hd" => Some(Quality::Hd),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Quality::Auto => "auto",
-            Quality::Standard => "standard",
-            Quality::Low => "low",
-            Quality::Medium => "medium",
-            Quality::High => "high",
-            Quality::Hd => "hd",
-        }
-    }
-
     /// The image size this quality asks for; `auto` leaves it to the model suffix.
     pub fn image_size(self) -> Option<ImageSize> {
         match self {
@@ -237,7 +191,7 @@ mod tests {
 
     #[test]
     fn exact_ratio_parsing_round_trips() {
-        for r in AspectRatio::ALL {
+        for &r in AspectRatio::ALL {
             assert_eq!(AspectRatio::parse_exact(r.as_str()), Some(r));
         }
         assert_eq!(AspectRatio::parse_exact("16x9"), None);
@@ -246,11 +200,11 @@ mod tests {
 
     #[test]
     fn image_sizes_parse_in_any_case() {
-        assert_eq!(ImageSize::parse("4k"), Some(ImageSize::K4));
-        assert_eq!(ImageSize::parse("2K"), Some(ImageSize::K2));
-        assert_eq!(ImageSize::parse("1k"), Some(ImageSize::K1));
-        assert_eq!(ImageSize::parse("8K"), None);
-        assert_eq!(ImageSize::parse(""), None);
+        assert_eq!(ImageSize::parse_any_case("4k"), Some(ImageSize::K4));
+        assert_eq!(ImageSize::parse_any_case("2K"), Some(ImageSize::K2));
+        assert_eq!(ImageSize::parse_any_case("1k"), Some(ImageSize::K1));
+        assert_eq!(ImageSize::parse_any_case("8K"), None);
+        assert_eq!(ImageSize::parse_any_case(""), None);
     }
 
     #[test]

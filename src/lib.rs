@@ -8,6 +8,8 @@
 pub mod access_log;
 pub mod cache;
 pub mod config;
+pub mod driver;
+pub mod endpoint;
 pub mod error;
 pub mod exchange;
 pub mod gemini;
@@ -16,6 +18,7 @@ pub mod hash;
 pub mod hot;
 pub mod metrics;
 pub mod model;
+pub mod named;
 pub mod openai;
 pub mod request;
 pub mod safety;

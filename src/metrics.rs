@@ -4,6 +4,7 @@
 
 use crate::error::ErrorCode;
 use crate::model::ModelVariant;
+use crate::named::{named, Named};
 use crate::safety::SafetyLevel;
 
 pub const PREFIX: &str = "gemini_image";
@@ -18,18 +19,7 @@ pub enum Outcome {
     ClientClosed,
 }
 
-impl Outcome {
-    pub const ALL: [Outcome; 4] = [Outcome::Success, Outcome::Partial, Outcome::Error, Outcome::ClientClosed];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::Partial => "partial",
-            Outcome::Error => "error",
-            Outcome::ClientClosed => "client_closed",
-        }
-    }
-}
+named!(Outcome { Success => "success", Partial => "partial", Error => "error", ClientClosed => "client_closed" });
 
 /// The two cache tiers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,20 +28,35 @@ pub enum CacheTier {
     L2,
 }
 
-impl CacheTier {
-    pub fn as_str(self) -> &'static str {
+named!(CacheTier { L1 => "l1", L2 => "l2" });
+
+/// What the cache did for a request: the `x-image-cache` header and the log's `cache` field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheState {
+    /// Looked and did not find, or no cache is configured.
+    Miss,
+    /// The client said `no-store`.
+    Bypass,
+    Hit(CacheTier),
+}
+
+impl Named for CacheState {
+    const ALL: &'static [Self] =
+        &[CacheState::Miss, CacheState::Bypass, CacheState::Hit(CacheTier::L1), CacheState::Hit(CacheTier::L2)];
+
+    fn name(self) -> &'static str {
         match self {
-            CacheTier::L1 => "l1",
-            CacheTier::L2 => "l2",
+            CacheState::Miss => "miss",
+            CacheState::Bypass => "bypass",
+            CacheState::Hit(CacheTier::L1) => "hit-l1",
+            CacheState::Hit(CacheTier::L2) => "hit-l2",
         }
     }
+}
 
-    /// The `x-image-cache` value of a hit in this tier.
-    pub fn header_value(self) -> &'static str {
-        match self {
-            CacheTier::L1 => "hit-l1",
-            CacheTier::L2 => "hit-l2",
-        }
+impl CacheState {
+    pub fn as_str(self) -> &'static str {
+        self.name()
     }
 }
 
@@ -110,11 +115,11 @@ impl Counter {
     /// Every counter, defined up front so that dashboards see zeros rather than gaps.
     pub fn all() -> Vec<Counter> {
         let levels = [SafetyLevel::Off, SafetyLevel::Low, SafetyLevel::Medium, SafetyLevel::High];
-        let mut all: Vec<Counter> = Outcome::ALL.into_iter().map(Counter::Requests).collect();
+        let mut all: Vec<Counter> = Outcome::ALL.iter().copied().map(Counter::Requests).collect();
         all.extend(ModelVariant::all_names().into_iter().map(Counter::ModelRequests));
         all.push(Counter::Images);
         all.push(Counter::UpstreamCalls);
-        all.extend(ErrorCode::ALL.into_iter().map(Counter::Errors));
+        all.extend(ErrorCode::ALL.iter().copied().map(Counter::Errors));
         all.extend(levels.into_iter().map(Counter::SafetyBlocks));
         all.extend(levels.into_iter().map(Counter::SafetyApplied));
         for tier in [CacheTier::L1, CacheTier::L2] {

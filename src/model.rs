@@ -57,7 +57,7 @@ impl ModelVariant {
         s
     }
 
-    /// Every name the contract lists: the 21 variants (3 resolutions x 7 ratio choices, the base name among them).
+    /// Every model name docs/configuration.md lists: the 21 variants (3 resolutions x 7 ratio choices, the base name among them).
     pub fn all_names() -> Vec<String> {
         let sizes = [None, Some("2k"), Some("4k")];
         let ratios = [None, Some("1x1"), Some("4x3"), Some("3x4"), Some("16x9"), Some("9x16"), Some("21x9")];

@@ -70,7 +70,7 @@ pub fn error_body(e: &ApiError) -> Vec<u8> {
             "type": e.code.error_type(),
             "param": e.param,
             "code": e.code.as_str(),
-            "category": e.code.category(),
+            "category": e.code.category().as_str(),
             "resolution": e.code.resolution(),
         }
     })

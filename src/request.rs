@@ -1,4 +1,4 @@
-//! The OpenAI Images request (contract section 1): parsed, validated, and resolved into
+//! The OpenAI Images request (docs/configuration.md, "Requests"): parsed, validated, and resolved into
 //! everything the Gemini calls need. Every bad value is a 400 naming its field.
 
 use serde_json::{Map, Value};
@@ -8,24 +8,16 @@ use crate::error::{ApiError, ErrorCode};
 use crate::geometry::{AspectRatio, ImageSize, Quality};
 use crate::hash::prompt_hash;
 use crate::model::{ModelVariant, BASE_MODEL};
+use crate::named::{named, Named};
 use crate::safety::SafetyLevel;
 
-/// The path the filter answers; everything else passes through untouched.
-pub const GENERATIONS_PATH: &str = "/v1/images/generations";
-
-/// Whether a `:path` is the generations endpoint: the exact path, a query string ignored, one
-/// trailing slash allowed. Case, extra segments and encodings are other paths (Envoy's
-/// `normalize_path` and `merge_slashes` handle `//` and percent-encoded letters before this).
-pub fn is_generations_path(path: &str) -> bool {
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    path == GENERATIONS_PATH || path.strip_suffix('/') == Some(GENERATIONS_PATH)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResponseFormat {
     B64Json,
     Url,
 }
+
+named!(ResponseFormat { B64Json => "b64_json", Url => "url" });
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Style {
@@ -33,14 +25,24 @@ pub enum Style {
     Natural,
 }
 
-impl Style {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Style::Vivid => "vivid",
-            Style::Natural => "natural",
-        }
-    }
+named!(Style { Vivid => "vivid", Natural => "natural" });
+
+/// `output_format`: Gemini returns PNG, so only `png` is accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputFormat {
+    Png,
 }
+
+named!(OutputFormat { Png => "png" });
+
+/// `background`: `transparent` is refused with its own message before this is parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Background {
+    Auto,
+    Opaque,
+}
+
+named!(Background { Auto => "auto", Opaque => "opaque" });
 
 /// A valid request, resolved against the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,28 +105,18 @@ fn string_field<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<O
     }
 }
 
-/// A string field that must be one of `allowed`.
-fn enum_field<T: Copy>(
-    obj: &Map<String, Value>,
-    name: &'static str,
-    allowed: &[(&str, T)],
-) -> Result<Option<T>, ApiError> {
+/// A string field that must name a value of `T` (`any_case`: in any ASCII case).
+fn named_field<T: Named>(obj: &Map<String, Value>, name: &'static str, any_case: bool) -> Result<Option<T>, ApiError> {
     let Some(s) = string_field(obj, name)? else {
         return Ok(None);
     };
-    match allowed.iter().find(|(k, _)| *k == s) {
-        Some((_, t)) => Ok(Some(*t)),
-        None => {
-            let names: Vec<&str> = allowed.iter().map(|(k, _)| *k).collect();
-            Err(invalid(
-                name,
-                format!(
-                    "{name} {} is not supported; expected one of: {}",
-                    quote(&Value::String(s.into())),
-                    names.join(", ")
-                ),
-            ))
-        }
+    let parsed = if any_case { T::parse_any_case(s) } else { T::parse(s) };
+    match parsed {
+        Some(t) => Ok(Some(t)),
+        None => Err(invalid(
+            name,
+            format!("{name} {} is not supported; expected one of: {}", quote(&Value::String(s.into())), T::expected()),
+        )),
     }
 }
 
@@ -170,15 +162,7 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     }
 
     // safety first among the rest, so that every later refusal can say which level applied
-    let requested = match string_field(&obj, "safety_threshold")? {
-        None => None,
-        Some(s) => Some(SafetyLevel::parse(s).ok_or_else(|| {
-            invalid(
-                "safety_threshold",
-                format!("safety_threshold {} is not one of OFF, LOW, MEDIUM, HIGH", quote(&Value::String(s.into()))),
-            )
-        })?),
-    };
+    let requested = named_field::<SafetyLevel>(&obj, "safety_threshold", true)?;
     let safety =
         settings.safety.resolve(requested).map_err(|refusal| invalid("safety_threshold", refusal.message()))?;
     known.safety = Some(safety);
@@ -230,45 +214,19 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
             invalid(
                 "size",
                 format!(
-                    "size {} must be auto, WxH or W:H within 5% of a supported ratio (1:1, 2:3, 3:2, 3:4, 4:3, 4:5, 5:4, 9:16, 16:9, 21:9)",
-                    quote(&Value::String(s.into()))
+                    "size {} must be auto, WxH or W:H within 5% of a supported ratio ({})",
+                    quote(&Value::String(s.into())),
+                    AspectRatio::expected()
                 ),
             )
         })?),
     };
-    let explicit_ratio = match string_field(&obj, "aspect_ratio")? {
-        None => None,
-        Some(s) => Some(AspectRatio::parse_exact(s).ok_or_else(|| {
-            invalid(
-                "aspect_ratio",
-                format!(
-                    "aspect_ratio {} is not supported; expected one of 1:1, 2:3, 3:2, 3:4, 4:3, 4:5, 5:4, 9:16, 16:9, 21:9",
-                    quote(&Value::String(s.into()))
-                ),
-            )
-        })?),
-    };
+    let explicit_ratio = named_field::<AspectRatio>(&obj, "aspect_ratio", true)?;
     let ratio = explicit_ratio.or(size_ratio).or(variant.ratio).unwrap_or(AspectRatio::R1x1);
 
     // image size: image_size > quality > model suffix > none
-    let quality = match string_field(&obj, "quality")? {
-        None => None,
-        Some(s) => Some(Quality::parse(s).ok_or_else(|| {
-            invalid(
-                "quality",
-                format!(
-                    "quality {} is not supported; expected one of: auto, standard, low, medium, high, hd",
-                    quote(&Value::String(s.into()))
-                ),
-            )
-        })?),
-    };
-    let explicit_size = match string_field(&obj, "image_size")? {
-        None => None,
-        Some(s) => Some(ImageSize::parse(s).ok_or_else(|| {
-            invalid("image_size", format!("image_size {} is not one of 1K, 2K, 4K", quote(&Value::String(s.into()))))
-        })?),
-    };
+    let quality = named_field::<Quality>(&obj, "quality", false)?;
+    let explicit_size = named_field::<ImageSize>(&obj, "image_size", true)?;
     let (image_size, size_from) = if let Some(s) = explicit_size {
         (Some(s), "image_size")
     } else if let Some(s) = quality.and_then(Quality::image_size) {
@@ -289,18 +247,17 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
         }
     }
 
-    let style = enum_field(&obj, "style", &[("vivid", Style::Vivid), ("natural", Style::Natural)])?;
+    let style = named_field::<Style>(&obj, "style", false)?;
     let response_format =
-        enum_field(&obj, "response_format", &[("b64_json", ResponseFormat::B64Json), ("url", ResponseFormat::Url)])?
-            .unwrap_or(ResponseFormat::B64Json);
-    enum_field(&obj, "output_format", &[("png", ())])?;
+        named_field::<ResponseFormat>(&obj, "response_format", false)?.unwrap_or(ResponseFormat::B64Json);
+    named_field::<OutputFormat>(&obj, "output_format", false)?;
     if string_field(&obj, "background")? == Some("transparent") {
         return Err(invalid(
             "background",
             "background \"transparent\" is not supported: Gemini returns opaque PNG images".into(),
         ));
     }
-    enum_field(&obj, "background", &[("auto", ()), ("opaque", ())])?;
+    named_field::<Background>(&obj, "background", false)?;
     match field(&obj, "stream") {
         None | Some(Value::Bool(false)) => {}
         Some(Value::Bool(true)) => {
@@ -377,30 +334,6 @@ mod tests {
     fn rejected(v: Value) -> (ErrorCode, Option<&'static str>) {
         let r = parse(v.clone()).expect_err(&format!("{v} should be refused"));
         (r.error.code, r.error.param)
-    }
-
-    #[test]
-    fn the_generations_path_and_its_variants() {
-        for yes in [
-            "/v1/images/generations",
-            "/v1/images/generations/",
-            "/v1/images/generations?x=1",
-            "/v1/images/generations/?a",
-        ] {
-            assert!(is_generations_path(yes), "{yes}");
-        }
-        for no in [
-            "/v1/images/generations//",
-            "/v1/images/generationsx",
-            "/V1/images/generations",
-            "/v1/images/edits",
-            "",
-            "/",
-            "/v1/images/generations/x",
-            "v1/images/generations",
-        ] {
-            assert!(!is_generations_path(no), "{no}");
-        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Safety levels, their Gemini thresholds, and which level is in force for a request.
 
+use crate::named::{named, Named};
+
 /// The filter's safety levels, weakest first (so `<` means "less safe").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SafetyLevel {
@@ -17,27 +19,9 @@ pub const HARM_CATEGORIES: [&str; 4] = [
     "HARM_CATEGORY_DANGEROUS_CONTENT",
 ];
 
+named!(SafetyLevel { Off => "OFF", Low => "LOW", Medium => "MEDIUM", High => "HIGH" });
+
 impl SafetyLevel {
-    /// `OFF`, `LOW`, `MEDIUM`, `HIGH`, any case, surrounding blanks ignored.
-    pub fn parse(s: &str) -> Option<SafetyLevel> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "OFF" => Some(SafetyLevel::Off),
-            "LOW" => Some(SafetyLevel::Low),
-            "MEDIUM" => Some(SafetyLevel::Medium),
-            "HIGH" => Some(SafetyLevel::High),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SafetyLevel::Off => "OFF",
-            SafetyLevel::Low => "LOW",
-            SafetyLevel::Medium => "MEDIUM",
-            SafetyLevel::High => "HIGH",
-        }
-    }
-
     /// The Gemini `threshold` for this level.
     pub fn gemini_threshold(self) -> &'static str {
         match self {
@@ -83,10 +67,11 @@ impl SafetyRefusal {
                 platform.as_str()
             ),
             SafetyRefusal::BelowMinimum { asked, minimum } => format!(
-                "safety_threshold {} is below this gateway's minimum {}; use {} or stricter (OFF < LOW < MEDIUM < HIGH)",
+                "safety_threshold {} is below this gateway's minimum {}; use {} or stricter ({})",
                 asked.as_str(),
                 minimum.as_str(),
-                minimum.as_str()
+                minimum.as_str(),
+                SafetyLevel::ALL.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(" < ")
             ),
         }
     }
@@ -147,11 +132,11 @@ mod tests {
             (" high ", SafetyLevel::High, "BLOCK_LOW_AND_ABOVE"),
         ];
         for (text, level, threshold) in cases {
-            assert_eq!(SafetyLevel::parse(text), Some(level));
+            assert_eq!(SafetyLevel::parse_any_case(text), Some(level));
             assert_eq!(level.gemini_threshold(), threshold);
         }
         for bad in ["", "none", "BLOCK_NONE", "0", "hi"] {
-            assert_eq!(SafetyLevel::parse(bad), None, "{bad}");
+            assert_eq!(SafetyLevel::parse_any_case(bad), None, "{bad}");
         }
     }
 

@@ -1,57 +1,90 @@
-//! The thin glue between Envoy and the pure core: the root context reads the configuration and
-//! sends the cache writes that must outlive a stream; the HTTP context (`http.rs`) feeds
-//! request events to an `Exchange` and carries out its effects.
+//! The thin glue between Envoy and the core: each proxy-wasm callback is handed to the
+//! driver (`crate::driver`) with `ProxyHost`, the `Host` made of proxy-wasm host calls. No
+//! decision is made here.
 
 mod calls;
-mod http;
 mod metrics;
-mod writes;
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{ContextType, LogLevel as HostLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel as HostLevel};
 
 use crate::access_log::LogLevel;
-use crate::config::Settings;
-use crate::hot::HotSet;
-use crate::metrics::Counter;
+use crate::driver::{Host, StreamDriver, Verdict, WorkerDriver};
+use crate::exchange::{HttpCall, Reply};
+use crate::metrics::{Counter, Histogram};
 use metrics::Metrics;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(HostLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root {
-            settings: None,
-            metrics: Rc::new(Metrics::default()),
-            hot: Rc::new(RefCell::new(HotSet::new(0))),
-            writes_in_flight: Vec::new(),
-        })
+        Box::new(Root { driver: WorkerDriver::default(), host: ProxyHost { metrics: Rc::new(Metrics::default()) } })
     });
 }}
 
-/// How often the root context sends queued cache writes.
-const WRITE_TICK: Duration = Duration::from_millis(50);
+/// The `Host` over proxy-wasm: one host call per method.
+#[derive(Clone)]
+struct ProxyHost {
+    metrics: Rc<Metrics>,
+}
+
+impl Host for ProxyHost {
+    fn now_ms(&self) -> u64 {
+        calls::now_ms()
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        calls::request_header(name)
+    }
+    fn request_body(&self, size: usize) -> Vec<u8> {
+        calls::request_body(size)
+    }
+    fn call_response_header(&self, name: &str) -> Option<String> {
+        calls::call_response_header(name)
+    }
+    fn call_response_body(&self, size: usize) -> Vec<u8> {
+        calls::call_response_body(size)
+    }
+    fn dispatch(&mut self, call: &HttpCall) -> Result<u32, String> {
+        calls::dispatch(&call.cluster, &call.headers, &call.body, call.timeout_ms)
+            .map_err(|status| format!("cluster {:?}: {status:?}", call.cluster))
+    }
+    fn send_reply(&mut self, reply: &Reply) -> bool {
+        calls::send_reply(reply.status, &reply.headers, &reply.body).is_ok()
+    }
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        calls::shared_get(key)
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8]) -> bool {
+        calls::shared_set(key, value)
+    }
+    fn log(&mut self, level: LogLevel, message: &str) {
+        calls::log(level, message)
+    }
+    fn count(&mut self, counter: &Counter, by: u64) {
+        self.metrics.count(counter, by)
+    }
+    fn observe(&mut self, histogram: Histogram, value: u64) {
+        self.metrics.observe(histogram, value)
+    }
+}
+
+fn action(verdict: Verdict) -> Action {
+    match verdict {
+        Verdict::Continue => Action::Continue,
+        Verdict::Pause => Action::Pause,
+    }
+}
 
 struct Root {
-    settings: Option<Rc<Settings>>,
-    metrics: Rc<Metrics>,
-    /// This worker's hot set (each worker has its own VM, so its own root context).
-    hot: Rc<RefCell<HotSet>>,
-    writes_in_flight: Vec<u32>,
+    driver: WorkerDriver,
+    host: ProxyHost,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
-        let Some(pos) = self.writes_in_flight.iter().position(|t| *t == token_id) else { return };
-        self.writes_in_flight.swap_remove(pos);
-        let ok = num_headers > 0
-            && calls::call_response_header(":status").and_then(|s| s.parse::<u32>().ok()).is_some_and(|s| s < 300);
-        if !ok {
-            self.metrics.count(&Counter::CacheL2Errors, 1);
-        }
+        self.driver.on_call_response(&mut self.host, token_id, num_headers);
     }
 }
 
@@ -59,46 +92,57 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let config = calls::plugin_configuration();
         let env = |name: &str| std::env::var(name).ok();
-        match Settings::from_json(&config, &env) {
-            Ok(settings) => {
-                for w in &settings.warnings {
-                    calls::log(LogLevel::Warn, &format!("gemini-image-filter: {w}"));
+        match self.driver.configure(&mut self.host, &config, &env) {
+            Ok(tick_ms) => {
+                if let Some(ms) = tick_ms {
+                    calls::set_tick(Duration::from_millis(ms));
                 }
-                calls::log(LogLevel::Info, &format!("gemini-image-filter: configured ({})", settings.summary()));
-                if settings.cache.as_ref().is_some_and(|c| c.l2.is_some()) {
-                    calls::set_tick(WRITE_TICK);
-                }
-                let hot_bytes = settings.cache.as_ref().and_then(|c| c.l1.as_ref()).map_or(0, |l1| l1.hot_bytes);
-                self.hot = Rc::new(RefCell::new(HotSet::new(hot_bytes)));
-                self.settings = Some(Rc::new(settings));
-                self.metrics = Rc::new(Metrics::define());
+                self.host.metrics = Rc::new(Metrics::define());
                 true
             }
-            Err(e) => {
-                calls::log(
-                    LogLevel::Error,
-                    &format!("gemini-image-filter: invalid configuration, refusing to start: {e}"),
-                );
-                false
-            }
+            Err(_) => false,
         }
     }
 
     fn on_tick(&mut self) {
-        for write in writes::drain() {
-            match calls::dispatch(&write.call.cluster, &write.call.headers, &write.entry, write.call.timeout_ms) {
-                Ok(token) => self.writes_in_flight.push(token),
-                Err(_) => self.metrics.count(&Counter::CacheL2Errors, 1),
-            }
-        }
+        self.driver.on_tick(&mut self.host);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let settings = self.settings.clone()?;
-        Some(Box::new(http::ImageHttp::new(settings, self.metrics.clone(), self.hot.clone())))
+        let driver = self.driver.new_stream()?;
+        Some(Box::new(Stream { driver, host: self.host.clone() }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    driver: StreamDriver,
+    host: ProxyHost,
+}
+
+impl Context for Stream {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        self.driver.on_call_response(&mut self.host, token_id, num_headers, body_size);
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        action(self.driver.on_request_headers(&mut self.host, end_of_stream))
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(self.driver.on_request_body(&mut self.host, body_size, end_of_stream))
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        action(self.driver.on_request_trailers(&mut self.host))
+    }
+
+    fn on_log(&mut self) {
+        self.driver.on_log(&mut self.host);
     }
 }

@@ -1,0 +1,622 @@
+//! The driver over a host made of memory: the same code paths as in Envoy, natively.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use serde_json::{json, Value};
+
+use super::*;
+use crate::metrics::CacheTier;
+
+const NOW_MS: u64 = 1_000_000;
+
+/// A `Host` in memory: request headers and body to read, call-outs recorded with tokens,
+/// one call-out answer "being delivered", shared data in a map, replies, logs and counters kept.
+#[derive(Default)]
+pub struct MemoryHost {
+    pub request_headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Every request header read, in order.
+    pub header_reads: RefCell<Vec<String>>,
+    /// The call-out answer being delivered: headers and body.
+    pub call_headers: Vec<(String, String)>,
+    pub call_body: Vec<u8>,
+    next_token: u32,
+    /// Call-outs dispatched and not yet answered.
+    pub dispatched: Vec<(u32, HttpCall)>,
+    /// Clusters the host refuses to call.
+    pub refused_clusters: Vec<String>,
+    pub shared: HashMap<String, Vec<u8>>,
+    /// Shared-data keys the host refuses to write.
+    pub refused_shared_keys: Vec<String>,
+    pub replies: Vec<Reply>,
+    pub logs: Vec<(LogLevel, String)>,
+    pub counters: HashMap<Counter, u64>,
+    pub observed: Vec<(Histogram, u64)>,
+}
+
+impl MemoryHost {
+    /// Makes `response` the answer being delivered; returns (num_headers, body_size) as Envoy
+    /// passes them to the callback.
+    pub fn deliver(&mut self, response: &CallResponse) -> (usize, usize) {
+        self.call_headers.clear();
+        match response.status {
+            None => {
+                self.call_body.clear();
+                (0, 0)
+            }
+            Some(status) => {
+                self.call_headers.push((":status".into(), status.to_string()));
+                if let Some(ct) = &response.content_type {
+                    self.call_headers.push(("content-type".into(), ct.clone()));
+                }
+                self.call_body = response.body.clone();
+                (self.call_headers.len(), self.call_body.len())
+            }
+        }
+    }
+
+    pub fn counted(&self, c: &Counter) -> u64 {
+        self.counters.get(c).copied().unwrap_or(0)
+    }
+
+    /// The JSON log lines (the access log), parsed.
+    pub fn log_lines(&self) -> Vec<(LogLevel, Value)> {
+        self.logs.iter().filter_map(|(l, m)| Some((*l, serde_json::from_str(m).ok()?))).collect()
+    }
+}
+
+impl Host for MemoryHost {
+    fn now_ms(&self) -> u64 {
+        NOW_MS
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.header_reads.borrow_mut().push(name.to_string());
+        self.request_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+    fn request_body(&self, size: usize) -> Vec<u8> {
+        self.body[..size.min(self.body.len())].to_vec()
+    }
+    fn call_response_header(&self, name: &str) -> Option<String> {
+        self.call_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+    fn call_response_body(&self, size: usize) -> Vec<u8> {
+        self.call_body[..size.min(self.call_body.len())].to_vec()
+    }
+    fn dispatch(&mut self, call: &HttpCall) -> Result<u32, String> {
+        if self.refused_clusters.contains(&call.cluster) {
+            return Err(format!("cluster {:?}: BadArgument", call.cluster));
+        }
+        self.next_token += 1;
+        self.dispatched.push((self.next_token, call.clone()));
+        Ok(self.next_token)
+    }
+    fn send_reply(&mut self, reply: &Reply) -> bool {
+        self.replies.push(reply.clone());
+        true
+    }
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.shared.get(key).cloned()
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8]) -> bool {
+        if self.refused_shared_keys.iter().any(|k| k == key) {
+            return false;
+        }
+        self.shared.insert(key.to_string(), value.to_vec());
+        true
+    }
+    fn log(&mut self, level: LogLevel, message: &str) {
+        self.logs.push((level, message.to_string()));
+    }
+    fn count(&mut self, counter: &Counter, by: u64) {
+        *self.counters.entry(counter.clone()).or_default() += by;
+    }
+    fn observe(&mut self, histogram: Histogram, value: u64) {
+        self.observed.push((histogram, value));
+    }
+}
+
+pub fn image_body(data: &str) -> Vec<u8> {
+    format!(
+        r#"{{"candidates":[{{"content":{{"parts":[{{"inlineData":{{"mimeType":"image/png","data":"{data}"}}}}]}},"finishReason":"STOP"}}],
+        "usageMetadata":{{"promptTokenCount":4,"candidatesTokenCount":10,"totalTokenCount":14}}}}"#
+    )
+    .into_bytes()
+}
+
+pub fn ok_response(data: &str) -> CallResponse {
+    CallResponse {
+        status: Some(200),
+        content_type: Some("application/json".into()),
+        body: image_body(data),
+        elapsed_ms: 5,
+        timeout_ms: 1000,
+    }
+}
+
+fn error_response(status: u32, gstatus: &str) -> CallResponse {
+    CallResponse {
+        status: Some(status),
+        content_type: Some("application/json".into()),
+        body: format!(r#"{{"error":{{"code":{status},"message":"m","status":"{gstatus}"}}}}"#).into_bytes(),
+        elapsed_ms: 5,
+        timeout_ms: 1000,
+    }
+}
+
+/// One worker: a root driver configured with `config`, a memory host, and answers for the
+/// Gemini and cache-service clusters.
+struct Gateway {
+    root: WorkerDriver,
+    host: MemoryHost,
+    gemini: Box<dyn FnMut() -> CallResponse>,
+    l2: Box<dyn FnMut(&HttpCall) -> CallResponse>,
+    /// The status the cache service answers writes with.
+    l2_put_status: Option<u32>,
+    gemini_calls: u32,
+    l2_writes: Vec<HttpCall>,
+}
+
+const CACHED: &str = r#"{"cache": {"ttl_seconds": 60, "l1": {"max_entries": 4, "max_entry_bytes": 100000}, "l2": {}}}"#;
+
+fn env(k: &str) -> Option<String> {
+    match k {
+        "GEMINI_API_KEY" => Some("test-key".to_string()),
+        "IMAGE_CACHE_TOKEN" => Some("s3cret".to_string()),
+        _ => None,
+    }
+}
+
+impl Gateway {
+    fn new(config: &str) -> Gateway {
+        let mut host = MemoryHost::default();
+        let mut root = WorkerDriver::default();
+        root.configure(&mut host, config.as_bytes(), &env).expect("a valid config");
+        Gateway {
+            root,
+            host,
+            gemini: Box::new(|| ok_response("QUFB")),
+            l2: Box::new(|_| CallResponse { status: Some(404), ..Default::default() }),
+            l2_put_status: Some(201),
+            gemini_calls: 0,
+            l2_writes: Vec::new(),
+        }
+    }
+
+    fn worker(&self) -> Rc<RefCell<Worker>> {
+        self.root.worker.clone()
+    }
+
+    /// Answers every call-out in flight, and those they lead to.
+    fn answer_calls(&mut self, stream: &mut StreamDriver) {
+        loop {
+            let pending = std::mem::take(&mut self.host.dispatched);
+            if pending.is_empty() {
+                break;
+            }
+            for (token, call) in pending {
+                let response = if call.cluster == "gemini" {
+                    self.gemini_calls += 1;
+                    (self.gemini)()
+                } else {
+                    (self.l2)(&call)
+                };
+                let (headers, size) = self.host.deliver(&response);
+                stream.on_call_response(&mut self.host, token, headers, size);
+            }
+        }
+    }
+
+    /// The root's tick: sends queued cache writes and hands them their answers.
+    fn tick(&mut self) {
+        self.root.on_tick(&mut self.host);
+        for (token, call) in std::mem::take(&mut self.host.dispatched) {
+            let status = self.l2_put_status;
+            self.l2_writes.push(call);
+            let (headers, _) = self.host.deliver(&CallResponse { status, ..Default::default() });
+            self.root.on_call_response(&mut self.host, token, headers);
+        }
+    }
+
+    /// One request through headers, body, call-outs, the end of the stream and a root tick.
+    /// Counters and logs are those of this request alone.
+    fn request(&mut self, body: Value, cache_control: Option<&str>) -> Reply {
+        self.host.counters.clear();
+        self.host.logs.clear();
+        self.host.request_headers = post_headers();
+        self.host.request_headers.push(("x-request-id".into(), "req-1".into()));
+        if let Some(cc) = cache_control {
+            self.host.request_headers.push(("cache-control".into(), cc.into()));
+        }
+        self.host.body = body.to_string().into_bytes();
+        let mut stream = self.root.new_stream().expect("configured");
+        assert_eq!(stream.on_request_headers(&mut self.host, false), Verdict::Continue);
+        let size = self.host.body.len();
+        assert_eq!(stream.on_request_body(&mut self.host, size, true), Verdict::Pause);
+        self.answer_calls(&mut stream);
+        stream.on_log(&mut self.host);
+        self.tick();
+        assert_eq!(self.host.replies.len(), 1, "exactly one reply");
+        assert_eq!(self.host.log_lines().len(), 1, "exactly one log line");
+        self.host.replies.pop().expect("a reply")
+    }
+
+    /// A stream that has had the headers and the whole of `body`.
+    fn send(&mut self, body: &[u8]) -> StreamDriver {
+        self.host.request_headers = post_headers();
+        self.host.body = body.to_vec();
+        let mut stream = self.root.new_stream().expect("configured");
+        stream.on_request_headers(&mut self.host, false);
+        stream.on_request_body(&mut self.host, body.len(), true);
+        stream
+    }
+
+    fn counted(&self, c: Counter) -> u64 {
+        self.host.counted(&c)
+    }
+
+    fn log(&self) -> Value {
+        self.host.log_lines().pop().expect("a log line").1
+    }
+}
+
+fn post_headers() -> Vec<(String, String)> {
+    vec![
+        (":path".into(), "/v1/images/generations".into()),
+        (":method".into(), "POST".into()),
+        ("content-type".into(), "application/json".into()),
+    ]
+}
+
+fn json_of(r: &Reply) -> Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn path_of(call: &HttpCall) -> String {
+    call.headers.iter().find(|(k, _)| k == ":path").map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+// ---- which requests are ours, and when to pause ----
+
+#[test]
+fn other_paths_pass_through_after_one_header_read() {
+    let mut gw = Gateway::new("{}");
+    gw.host.request_headers = vec![(":path".into(), "/healthz".into()), (":method".into(), "POST".into())];
+    let mut stream = gw.root.new_stream().unwrap();
+    assert_eq!(stream.on_request_headers(&mut gw.host, false), Verdict::Continue);
+    assert_eq!(*gw.host.header_reads.borrow(), vec![":path".to_string()]);
+    assert_eq!(stream.on_request_body(&mut gw.host, 10, true), Verdict::Continue);
+    assert_eq!(stream.on_request_trailers(&mut gw.host), Verdict::Continue);
+    stream.on_log(&mut gw.host);
+    assert!(gw.host.replies.is_empty() && gw.host.log_lines().is_empty(), "no reply, no access log line");
+}
+
+#[test]
+fn other_methods_on_an_image_path_get_405_from_the_filter() {
+    let mut gw = Gateway::new("{}");
+    gw.host.logs.clear();
+    for method in ["GET", "PUT", "DELETE", "HEAD"] {
+        gw.host.request_headers =
+            vec![(":path".into(), "/v1/images/generations/".into()), (":method".into(), method.into())];
+        let mut stream = gw.root.new_stream().unwrap();
+        assert_eq!(stream.on_request_headers(&mut gw.host, true), Verdict::Pause, "{method}");
+        let r = gw.host.replies.pop().unwrap();
+        assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+        assert_eq!(json_of(&r)["error"]["code"], "IMG_INVALID_REQUEST");
+        assert!(gw.host.replies.is_empty(), "one reply");
+    }
+    let lines = gw.host.log_lines();
+    assert_eq!(lines.len(), 4);
+    assert_eq!((lines[0].1["status"].as_u64(), lines[0].1["endpoint"].as_str()), (Some(405), Some("generations")));
+}
+
+#[test]
+fn the_body_is_paused_until_its_end_then_answered() {
+    let mut gw = Gateway::new("{}");
+    gw.host.request_headers = post_headers();
+    gw.host.body = br#"{"prompt": "a cat"}"#.to_vec();
+    let size = gw.host.body.len();
+    let mut stream = gw.root.new_stream().unwrap();
+    assert_eq!(stream.on_request_headers(&mut gw.host, false), Verdict::Continue);
+    assert_eq!(stream.on_request_body(&mut gw.host, 5, false), Verdict::Pause);
+    assert!(gw.host.dispatched.is_empty(), "nothing before the end of the body");
+    assert_eq!(stream.on_request_body(&mut gw.host, size, true), Verdict::Pause);
+    assert_eq!(gw.host.dispatched.len(), 1);
+    gw.answer_calls(&mut stream);
+    assert_eq!(gw.host.replies.len(), 1);
+    // A body callback after the reply changes nothing.
+    assert_eq!(stream.on_request_body(&mut gw.host, 0, true), Verdict::Pause);
+    assert_eq!(gw.host.replies.len(), 1);
+}
+
+#[test]
+fn a_body_that_ends_with_trailers_is_read_whole() {
+    let mut gw = Gateway::new("{}");
+    gw.host.request_headers = post_headers();
+    gw.host.body = br#"{"prompt": "trailers"}"#.to_vec();
+    let size = gw.host.body.len();
+    let mut stream = gw.root.new_stream().unwrap();
+    stream.on_request_headers(&mut gw.host, false);
+    assert_eq!(stream.on_request_body(&mut gw.host, size, false), Verdict::Pause);
+    assert_eq!(stream.on_request_trailers(&mut gw.host), Verdict::Pause);
+    assert_eq!(gw.host.dispatched.len(), 1, "the whole body was read at the trailers");
+}
+
+#[test]
+fn headers_with_no_body_are_answered_at_once() {
+    let mut gw = Gateway::new("{}");
+    gw.host.request_headers = post_headers();
+    let mut stream = gw.root.new_stream().unwrap();
+    assert_eq!(stream.on_request_headers(&mut gw.host, true), Verdict::Pause);
+    assert_eq!(gw.host.replies[0].status, 400);
+}
+
+#[test]
+fn a_declared_body_over_the_limit_is_refused_at_the_headers() {
+    let mut gw = Gateway::new(r#"{"limits": {"max_body_bytes": 100}}"#);
+    gw.host.request_headers = vec![
+        (":path".into(), "/v1/images/generations".into()),
+        (":method".into(), "POST".into()),
+        ("content-length".into(), "101".into()),
+    ];
+    let mut stream = gw.root.new_stream().unwrap();
+    assert_eq!(stream.on_request_headers(&mut gw.host, false), Verdict::Pause);
+    assert_eq!(gw.host.replies[0].status, 413);
+    assert_eq!(stream.on_request_body(&mut gw.host, 101, true), Verdict::Pause);
+    assert_eq!(gw.host.replies.len(), 1);
+}
+
+#[test]
+fn a_call_the_host_refuses_is_a_500_whose_reason_stays_in_the_operator_log() {
+    let mut gw = Gateway::new("{}");
+    gw.host.refused_clusters.push("gemini".into());
+    let r = gw.request(json!({"prompt": "p", "n": 2}), None);
+    assert_eq!(r.status, 500);
+    let body = String::from_utf8_lossy(&r.body).to_string();
+    assert!(!body.contains("cluster") && !body.contains("gemini\""), "{body}");
+    assert!(gw.host.logs.iter().any(|(l, m)| *l == LogLevel::Error && m.contains("cluster \"gemini\"")));
+}
+
+#[test]
+fn a_client_that_leaves_is_logged_once_and_late_answers_are_ignored() {
+    let mut gw = Gateway::new("{}");
+    let mut stream = gw.send(br#"{"prompt": "gone"}"#);
+    gw.host.logs.clear();
+    stream.on_log(&mut gw.host);
+    gw.answer_calls(&mut stream);
+    assert!(gw.host.replies.is_empty());
+    let lines = gw.host.log_lines();
+    assert_eq!(lines.len(), 1);
+    assert_eq!((lines[0].0, lines[0].1["outcome"].as_str()), (LogLevel::Warn, Some("client_closed")));
+}
+
+// ---- the root: configuration and cache writes ----
+
+#[test]
+fn a_refused_configuration_says_why_and_makes_no_streams() {
+    let mut host = MemoryHost::default();
+    let mut root = WorkerDriver::default();
+    assert!(root.configure(&mut host, br#"{"limits": {"max_n": 99}}"#, &env).is_err());
+    assert!(host.logs.iter().any(|(l, m)| *l == LogLevel::Error && m.contains("limits.max_n")));
+    assert!(root.new_stream().is_none());
+    assert_eq!(root.configure(&mut host, b"{}", &env).ok(), Some(None), "no L2: no tick");
+    assert_eq!(root.configure(&mut host, CACHED.as_bytes(), &env).ok(), Some(Some(WRITE_TICK_MS)));
+}
+
+#[test]
+fn a_cache_write_is_ok_only_with_a_2xx() {
+    for (status, errors) in [(Some(200), 0), (Some(204), 0), (Some(299), 0), (Some(300), 1), (Some(500), 1), (None, 1)]
+    {
+        let mut gw = Gateway::new(CACHED);
+        gw.l2_put_status = status;
+        gw.request(json!({"prompt": format!("write {status:?}")}), None);
+        assert_eq!(gw.l2_writes.len(), 1);
+        assert_eq!(gw.counted(Counter::CacheL2Errors), errors, "{status:?}");
+    }
+}
+
+#[test]
+fn a_full_write_queue_drops_the_write_and_counts_it() {
+    let mut gw = Gateway::new(CACHED);
+    let filler = HttpCall { cluster: "image_cache".into(), headers: vec![], body: Rc::new(vec![]), timeout_ms: 1 };
+    for _ in 0..MAX_QUEUED_WRITES {
+        assert!(gw.worker().borrow_mut().queue_write(filler.clone()));
+    }
+    let mut stream = gw.send(br#"{"prompt": "one too many"}"#);
+    gw.answer_calls(&mut stream);
+    assert_eq!(gw.host.counted(&Counter::CacheL2Errors), 1);
+    assert_eq!(gw.worker().borrow().queued_writes(), MAX_QUEUED_WRITES);
+}
+
+#[test]
+fn a_refused_data_write_leaves_the_slot_meta_alone() {
+    let mut gw = Gateway::new(r#"{"cache": {"l1": {"max_entries": 1}}}"#);
+    gw.host.refused_shared_keys.push("gemini_image.l1.0.data".into());
+    gw.request(json!({"prompt": "p"}), None);
+    assert!(gw.host.shared.is_empty(), "no meta without its data");
+}
+
+#[test]
+fn a_refused_l2_lookup_is_a_miss() {
+    let mut gw = Gateway::new(CACHED);
+    gw.host.refused_clusters.push("image_cache".into());
+    let r = gw.request(json!({"prompt": "p"}), None);
+    assert_eq!((r.status, r.header("x-image-cache")), (200, Some("miss")));
+    assert_eq!(gw.gemini_calls, 1);
+}
+
+// ---- the cache, end to end through the driver ----
+
+#[test]
+fn a_success_is_stored_then_served_from_l1_in_any_format() {
+    let mut gw = Gateway::new(CACHED);
+    let r = gw.request(json!({"prompt": "a cat", "n": 2}), None);
+    assert_eq!((r.status, r.header("x-image-cache")), (200, Some("miss")));
+    assert_eq!(gw.gemini_calls, 2);
+    assert_eq!(gw.counted(Counter::CacheMisses), 1);
+    assert_eq!(gw.counted(Counter::CacheStores(CacheTier::L1)), 1);
+    assert_eq!(gw.counted(Counter::CacheStores(CacheTier::L2)), 1);
+    let call = &gw.l2_writes[0];
+    let h = |k: &str| call.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(h(":method").as_deref(), Some("PUT"));
+    assert!(h(":path").unwrap().starts_with("/v1/cache/img:gemini-3-pro-image:auto:none:"));
+    assert_eq!(h("x-cache-ttl-seconds").as_deref(), Some("60"));
+    assert!(!call.body.is_empty());
+
+    let hit = gw.request(json!({"prompt": "a cat", "n": 2, "response_format": "url"}), None);
+    assert_eq!((hit.status, hit.header("x-image-cache")), (200, Some("hit-l1")));
+    assert_eq!(gw.gemini_calls, 2, "no new Gemini call");
+    let v = json_of(&hit);
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(v["data"][0]["url"], "data:image/png;base64,QUFB");
+    assert_eq!(v["usage"]["total_tokens"], 28);
+    assert_eq!(gw.counted(Counter::CacheHits(CacheTier::L1)), 1);
+    assert_eq!(hit.header("x-image-prompt-hash"), Some(&crate::hash::prompt_hash("a cat")[..]));
+    let log = gw.log();
+    assert_eq!((log["cache"].as_str(), log["upstream_status"].clone()), (Some("hit-l1"), Value::Null));
+}
+
+#[test]
+fn an_l2_hit_is_served_and_fills_l1() {
+    let mut first = Gateway::new(CACHED);
+    first.request(json!({"prompt": "a fox"}), None);
+    let entry = first.l2_writes[0].body.as_ref().clone();
+
+    let mut gw = Gateway::new(CACHED);
+    let seen_path = Rc::new(RefCell::new(String::new()));
+    let seen = seen_path.clone();
+    gw.l2 = Box::new(move |call| {
+        *seen.borrow_mut() = path_of(call);
+        CallResponse { status: Some(200), body: entry.clone(), ..Default::default() }
+    });
+    let r = gw.request(json!({"prompt": "a fox"}), None);
+    assert_eq!(r.header("x-image-cache"), Some("hit-l2"));
+    assert_eq!(gw.gemini_calls, 0);
+    assert!(seen_path.borrow().starts_with("/v1/cache/img:"));
+    assert_eq!(gw.counted(Counter::CacheStores(CacheTier::L1)), 1, "L2 hit fills L1");
+    gw.l2 = Box::new(|_| panic!("L1 should answer now"));
+    assert_eq!(gw.request(json!({"prompt": "a fox"}), None).header("x-image-cache"), Some("hit-l1"));
+}
+
+#[test]
+fn a_failing_or_garbled_l2_only_costs_a_miss() {
+    let answers: Vec<CallResponse> = vec![
+        CallResponse { status: None, ..Default::default() },
+        CallResponse { status: Some(500), body: b"oops".to_vec(), ..Default::default() },
+        CallResponse { status: Some(200), body: b"garbage".to_vec(), ..Default::default() },
+        CallResponse { status: Some(401), ..Default::default() },
+    ];
+    for answer in answers {
+        let mut gw = Gateway::new(CACHED);
+        let a = answer.clone();
+        gw.l2 = Box::new(move |_| a.clone());
+        let r = gw.request(json!({"prompt": "l2 trouble"}), None);
+        assert_eq!((r.status, r.header("x-image-cache")), (200, Some("miss")), "{answer:?}");
+        assert_eq!(gw.gemini_calls, 1);
+        assert_eq!(gw.counted(Counter::CacheL2Errors), 1);
+    }
+}
+
+#[test]
+fn no_cache_skips_the_lookup_and_no_store_skips_both() {
+    let mut gw = Gateway::new(CACHED);
+    gw.request(json!({"prompt": "p"}), None);
+    let lookups = Rc::new(RefCell::new(0));
+    let seen = lookups.clone();
+    gw.l2 = Box::new(move |_| {
+        *seen.borrow_mut() += 1;
+        CallResponse { status: Some(404), ..Default::default() }
+    });
+    let r = gw.request(json!({"prompt": "p"}), Some("no-cache"));
+    assert_eq!(r.header("x-image-cache"), Some("miss"));
+    assert_eq!(gw.gemini_calls, 2);
+    assert_eq!(*lookups.borrow(), 0, "no L2 lookup");
+    assert_eq!(gw.counted(Counter::CacheHits(CacheTier::L1)), 0, "no L1 lookup");
+    assert_eq!(gw.counted(Counter::CacheStores(CacheTier::L1)), 1, "no-cache still stores");
+
+    let mut gw = Gateway::new(CACHED);
+    let r = gw.request(json!({"prompt": "q"}), Some("no-store"));
+    assert_eq!(r.header("x-image-cache"), Some("bypass"));
+    assert!(gw.l2_writes.is_empty() && gw.host.shared.is_empty());
+    assert_eq!(gw.counted(Counter::CacheBypass), 1);
+    let r = gw.request(json!({"prompt": "q"}), None);
+    assert_eq!(r.header("x-image-cache"), Some("miss"), "nothing was stored");
+}
+
+#[test]
+fn partial_results_and_errors_are_never_stored() {
+    let mut gw = Gateway::new(CACHED);
+    let mut k = 0;
+    gw.gemini = Box::new(move || {
+        k += 1;
+        if k == 1 {
+            error_response(500, "INTERNAL")
+        } else {
+            ok_response("QUFB")
+        }
+    });
+    let r = gw.request(json!({"prompt": "p", "n": 2}), None);
+    assert_eq!(r.header("x-images-failed"), Some("1"));
+    assert!(gw.host.shared.is_empty() && gw.l2_writes.is_empty());
+    assert_eq!(gw.log()["outcome"], "partial", "the log says what the metric says");
+    gw.gemini = Box::new(|| error_response(429, "RESOURCE_EXHAUSTED"));
+    assert_eq!(gw.request(json!({"prompt": "p2"}), None).status, 429);
+    assert!(gw.host.shared.is_empty() && gw.l2_writes.is_empty());
+}
+
+#[test]
+fn entries_over_max_entry_bytes_skip_l1_but_reach_l2() {
+    let mut gw = Gateway::new(r#"{"cache": {"l1": {"max_entries": 4, "max_entry_bytes": 10}, "l2": {}}}"#);
+    gw.request(json!({"prompt": "p"}), None);
+    assert!(gw.host.shared.is_empty());
+    assert_eq!(gw.l2_writes.len(), 1);
+    assert_eq!(gw.counted(Counter::CacheL1TooLarge), 1);
+}
+
+#[test]
+fn a_store_over_another_live_entry_counts_an_eviction() {
+    let mut gw = Gateway::new(r#"{"cache": {"l1": {"max_entries": 1}}}"#);
+    gw.request(json!({"prompt": "first"}), None);
+    assert_eq!(gw.counted(Counter::CacheL1Evictions), 0);
+    gw.request(json!({"prompt": "second"}), None);
+    assert_eq!(gw.counted(Counter::CacheL1Evictions), 1);
+    assert_eq!(gw.host.shared.len(), 2, "one slot: meta and data, whatever the traffic");
+    assert_eq!(gw.request(json!({"prompt": "second"}), None).header("x-image-cache"), Some("hit-l1"));
+}
+
+#[test]
+fn the_l2_token_goes_in_authorization() {
+    let mut gw = Gateway::new(r#"{"cache": {"l2": {}}}"#);
+    gw.l2 = Box::new(|call| {
+        assert!(call.headers.contains(&("authorization".to_string(), "Bearer s3cret".to_string())));
+        CallResponse { status: Some(404), ..Default::default() }
+    });
+    gw.request(json!({"prompt": "p"}), None);
+    assert!(gw.l2_writes[0].headers.contains(&("authorization".to_string(), "Bearer s3cret".to_string())));
+}
+
+#[test]
+fn the_hot_set_answers_without_shared_data_and_keeps_formats_apart() {
+    let mut gw = Gateway::new(CACHED);
+    let miss = gw.request(json!({"prompt": "hot"}), None);
+    assert_eq!(gw.worker().borrow().hot.used_bytes(), miss.body.len(), "the miss's answer is kept rendered");
+    gw.host.shared.clear();
+    let hit = gw.request(json!({"prompt": "hot"}), None);
+    assert_eq!(hit.header("x-image-cache"), Some("hit-l1"));
+    assert!(Rc::ptr_eq(&hit.body, &miss.body), "the same bytes, not a copy");
+    assert_eq!(gw.log()["images"], 1);
+    assert_eq!(gw.counted(Counter::CacheHits(CacheTier::L1)), 1);
+    // A url request is another answer: not in the hot set, and shared data was cleared.
+    let other = gw.request(json!({"prompt": "hot", "response_format": "url"}), None);
+    assert_eq!(other.header("x-image-cache"), Some("miss"));
+}
+
+#[test]
+fn the_n_calls_of_a_request_share_one_body() {
+    let mut gw = Gateway::new("{}");
+    gw.send(br#"{"prompt": "shared", "n": 3}"#);
+    let calls: Vec<&HttpCall> = gw.host.dispatched.iter().map(|(_, c)| c).collect();
+    assert_eq!(calls.len(), 3);
+    assert!(calls.windows(2).all(|w| Rc::ptr_eq(&w[0].body, &w[1].body)));
+}
