@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from harness import WASM, CacheService, Envoy, FakeGemini, Process, envoy_bin, free_port, http, render_envoy  # noqa: E402
+from harness import WASM, CacheService, Envoy, FakeGemini, Process, envoy_bin, free_port, http, render_envoy, with_plugin  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -110,16 +110,10 @@ def pair(name, base_name, base, cand):
 def bench_config(fake, cache, bodies, workdir):
     """The shipped config plus an `l2only` listener (no L1) and a `plain` listener (no filter)."""
     doc = render_envoy.render(wasm=WASM, fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
-                              image_cache="127.0.0.1:%d" % cache.port, listen_port=free_port(), admin_port=free_port())
+                              image_cache="127.0.0.1:%d" % cache.port, listen_port=free_port(), admin_port=free_port(),
+                              extra_listeners=[("l2only", free_port(), with_plugin(cache={"l1": None}))])
     listeners = doc["static_resources"]["listeners"]
     main = listeners[0]
-    l2only = copy.deepcopy(main)
-    l2only["name"] = "l2only"
-    l2only["address"]["socket_address"]["port_value"] = free_port()
-    cfg = render_envoy.plugin_config(main)
-    cfg["cache"].pop("l1")
-    render_envoy._set_plugin_config(l2only, cfg)
-    l2only["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"] = "l2only"
     plain = copy.deepcopy(main)
     plain["name"] = "plain"
     plain["address"]["socket_address"]["port_value"] = free_port()
@@ -140,7 +134,7 @@ def bench_config(fake, cache, bodies, workdir):
          "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
         for name, path in bodies.items()
     ] + [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]
-    listeners += [l2only, plain]
+    listeners.append(plain)
     return doc
 
 
@@ -168,7 +162,7 @@ def main():
     results = {}
     try:
         # The exact bytes an L1 hit answers, for the direct_response baselines.
-        probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port, plugin_patch={"cache": None},
+        probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port, plugin=with_plugin(cache=None),
                       env_extra={"GEMINI_API_KEY": "bench"}, concurrency=1)
         bodies = {}
         for name, prompt in prompts.items():

@@ -19,7 +19,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from harness import CacheService, Envoy, FakeGemini, http as http_call  # noqa: E402
+from harness import CacheService, Envoy, FakeGemini, http as http_call, with_plugin  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -43,8 +43,8 @@ def main():
     cache = CacheService(work, token="soak", max_bytes=512 * MIB)
     l1 = {"max_entries": 32, "max_entry_bytes": 4 * MIB, "hot_bytes": 16 * MIB}
     envoy = Envoy(work, name="envoy-soak", fake_gemini="127.0.0.1:%d" % fake.port, image_cache="127.0.0.1:%d" % cache.port,
-                  plugin_patch={"cache": {"ttl_seconds": 600, "l1": l1, "l2": {"cluster": "image_cache", "authority": "image-cache",
-                                                                              "timeout_ms": 250}}},
+                  plugin=with_plugin(cache={"ttl_seconds": 600, "l1": l1, "l2": {"cluster": "image_cache", "authority": "image-cache",
+                                                                                 "timeout_ms": 250}}),
                   env_extra={"GEMINI_API_KEY": "soak", "IMAGE_CACHE_TOKEN": "soak"}, concurrency=2)
     hot_prompts = ["soak hot %d [fake:bytes=%d]" % (i, (i % 4 + 1) * 256 * 1024) for i in range(200)]
     counts = {"ok": 0, "unexpected": 0, "slow": 0, "errors_expected": 0}

@@ -6,6 +6,10 @@ addresses swapped: listener and admin ports, the wasm path, the "gemini" cluster
 fake-gemini (plain HTTP/1.1) instead of Google, the "app" cluster, and, for tests, the plugin
 configuration and extra listeners that differ only in plugin configuration.
 
+A changed plugin configuration is always made one way, with `with_plugin` (the shipped one
+with some sections changed), and given whole: `render(plugin=...)`, `extra_listeners`, and
+`harness.Envoy(...).set_plugin(...)` for a reload.
+
     python3 scripts/render_envoy.py --fake-gemini 127.0.0.1:8081 --out run/envoy.yaml
 """
 import argparse
@@ -17,6 +21,7 @@ import sys
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BASE = os.path.join(ROOT, "envoy", "envoy.yaml")
 DEFAULT_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "gemini_image_filter.wasm")
 
 
@@ -41,7 +46,37 @@ def plugin_config(listener):
     return json.loads(_wasm_filter(listener)["configuration"]["value"] or "{}")
 
 
-def _set_plugin_config(listener, cfg):
+def shipped_plugin(base=DEFAULT_BASE):
+    """The plugin configuration of a shipped Envoy config (envoy/envoy.yaml by default)."""
+    with open(base) as f:
+        return plugin_config(yaml.safe_load(f)["static_resources"]["listeners"][0])
+
+
+def _merge_patch(target, patch):
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict):
+            out[key] = _merge_patch(out.get(key), value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def with_plugin(base=None, **sections):
+    """A plugin configuration: `base` (the shipped one when None) with `sections` applied as a
+    JSON merge patch (RFC 7386): a dict merges into what is there key by key, None removes the
+    key (an absent `cache`, `cache.l1` or `cache.l2` is off), anything else replaces it.
+
+        with_plugin(limits={"max_n": 10}, cache=None)
+        with_plugin(cache={"l1": None, "l2": {"cluster": "cache_down"}})
+    """
+    return _merge_patch(shipped_plugin() if base is None else base, sections)
+
+
+def set_plugin_config(listener, cfg):
+    """Puts a whole plugin configuration (a dict) into a listener's wasm filter."""
     _wasm_filter(listener)["configuration"]["value"] = json.dumps(cfg)
 
 
@@ -62,7 +97,7 @@ def _point_cluster(doc, name, host, port, plain_http1=True):
 
 
 def render(
-    base=os.path.join(ROOT, "envoy", "envoy.yaml"),
+    base=DEFAULT_BASE,
     *,
     listen_port=None,
     admin_port=None,
@@ -71,14 +106,13 @@ def render(
     app=None,
     image_cache=None,
     plugin=None,
-    plugin_patch=None,
     extra_listeners=(),
     extra_clusters=(),
 ):
     """Returns the rendered config as a dict.
 
-    plugin: replaces the main listener's plugin configuration; plugin_patch: merged into it.
-    extra_listeners: (name, port, plugin_config_dict) copies of the main listener.
+    plugin: the main listener's whole plugin configuration (a dict, made with `with_plugin`).
+    extra_listeners: (name, port, plugin configuration) copies of the main listener.
     """
     with open(base) as f:
         doc = yaml.safe_load(f)
@@ -93,16 +127,8 @@ def render(
             _wasm_filter(listener)["vm_config"]["code"]["local"]["filename"] = wasm
         except ValueError:
             pass
-    cfg = plugin_config(main)
     if plugin is not None:
-        cfg = copy.deepcopy(plugin)
-    if plugin_patch:
-        for k, v in plugin_patch.items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k] = {**cfg[k], **v}
-            else:
-                cfg[k] = v
-    _set_plugin_config(main, cfg)
+        set_plugin_config(main, plugin)
     if fake_gemini:
         _point_cluster(doc, "gemini", *_addr(fake_gemini))
     if app:
@@ -114,7 +140,7 @@ def render(
         l["name"] = name
         l["address"]["socket_address"]["port_value"] = port
         _hcm(l)["stat_prefix"] = name
-        _set_plugin_config(l, cfg_extra)
+        set_plugin_config(l, cfg_extra)
         listeners.append(l)
     for name, host, port in extra_clusters:
         doc["static_resources"]["clusters"].append(
@@ -140,7 +166,7 @@ def write(doc, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default=os.path.join(ROOT, "envoy", "envoy.yaml"))
+    p.add_argument("--base", default=DEFAULT_BASE)
     p.add_argument("--out", required=True)
     p.add_argument("--fake-gemini", help="HOST:PORT of fake-gemini; omit to keep Google's TLS cluster")
     p.add_argument("--app", help="HOST:PORT of the application cluster")

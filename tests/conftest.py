@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from harness import CacheService, Envoy, FakeGemini, free_port, http
+from harness import CacheService, Envoy, FakeGemini, free_port, http, with_plugin
 
 API_KEY = "test-key-0123456789"
 CACHE_TOKEN = "cache-token-0123456789"
@@ -27,23 +27,16 @@ def fake(workdir):
     f.stop()
 
 
-def _listener_configs(base):
-    """Listeners that differ from the main one only in plugin configuration."""
-    def patched(**sections):
-        cfg = json.loads(json.dumps(base))
-        for k, v in sections.items():
-            cfg[k] = {**cfg.get(k, {}), **v}
-        return cfg
-
-    return {
-        "refused": patched(gemini={"cluster": "dead"}),
-        "slow": patched(gemini={"timeout_ms": 1500}),
-        "nokey": patched(gemini={"api_key_env": "NO_SUCH_GEMINI_KEY"}),
-        "wrongkey": patched(gemini={"api_key_env": "WRONG_GEMINI_KEY"}),
-        "nocluster": patched(gemini={"cluster": "no_such_cluster"}),
-        "policy": patched(safety={"default": "MEDIUM", "minimum": "LOW"}, limits={"max_n": 10, "max_image_size": "2K", "max_prompt_chars": 100}),
-        "locked": patched(safety={"default": "HIGH", "allow_request_override": False}),
-    }
+# Listeners that differ from the main one only in plugin configuration.
+LISTENER_CONFIGS = {
+    "refused": with_plugin(gemini={"cluster": "dead"}),
+    "slow": with_plugin(gemini={"timeout_ms": 1500}),
+    "nokey": with_plugin(gemini={"api_key_env": "NO_SUCH_GEMINI_KEY"}),
+    "wrongkey": with_plugin(gemini={"api_key_env": "WRONG_GEMINI_KEY"}),
+    "nocluster": with_plugin(gemini={"cluster": "no_such_cluster"}),
+    "policy": with_plugin(safety={"default": "MEDIUM", "minimum": "LOW"}, limits={"max_n": 10, "max_image_size": "2K", "max_prompt_chars": 100}),
+    "locked": with_plugin(safety={"default": "HIGH", "allow_request_override": False}),
+}
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +48,8 @@ def cache_service(workdir):
 
 @pytest.fixture(scope="session")
 def envoy(workdir, fake, cache_service):
-    import render_envoy
-    base = render_envoy.plugin_config(render_envoy.render()["static_resources"]["listeners"][0])
     dead_port = free_port()  # nothing listens there
-    extra = [(name, free_port(), cfg) for name, cfg in _listener_configs(base).items()]
+    extra = [(name, free_port(), cfg) for name, cfg in LISTENER_CONFIGS.items()]
     e = Envoy(
         workdir,
         fake_gemini="127.0.0.1:%d" % fake.port,

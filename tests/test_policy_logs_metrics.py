@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from conftest import API_KEY, CANARY, USER, assert_no_secrets, log_lines, unique
-from harness import ROOT, WASM, Envoy, envoy_bin, http, post_image as post, render_envoy, wait_for
+from harness import ROOT, WASM, Envoy, envoy_bin, http, post_image as post, render_envoy, wait_for, with_plugin
 
 
 # --- safety -----------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def envoy_env_high(workdir, fake):
     """An Envoy whose VM environment sets GEMINI_IMAGE_SAFETY_THRESHOLD=high; its main listener's
     config says LOW, so the environment must win."""
     e = Envoy(workdir, name="envoy-env", fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
-              plugin_patch={"safety": {"default": "LOW"}, "cache": None},
+              plugin=with_plugin(safety={"default": "LOW"}, cache=None),
               env_extra={"GEMINI_API_KEY": API_KEY, "GEMINI_IMAGE_SAFETY_THRESHOLD": "high"})
     yield e
     e.stop()
@@ -80,9 +80,9 @@ def validate(tmp_path, env=None, **render_args):
 
 @pytest.mark.parametrize("how,needle", [
     ({"env": {"GEMINI_IMAGE_SAFETY_THRESHOLD": "SOMETIMES"}}, "GEMINI_IMAGE_SAFETY_THRESHOLD is \"SOMETIMES\""),
-    ({"plugin_patch": {"safety": {"default": "maximum"}}}, "safety.default is \"maximum\""),
-    ({"plugin_patch": {"safety": {"minimum": "strict"}}}, "safety.minimum is \"strict\""),
-    ({"plugin_patch": {"safety": {"default": "LOW", "minimum": "HIGH"}}}, "below safety.minimum HIGH"),
+    ({"plugin": with_plugin(safety={"default": "maximum"})}, "safety.default is \"maximum\""),
+    ({"plugin": with_plugin(safety={"minimum": "strict"})}, "safety.minimum is \"strict\""),
+    ({"plugin": with_plugin(safety={"default": "LOW", "minimum": "HIGH"})}, "below safety.minimum HIGH"),
 ])
 def test_envoy_refuses_an_invalid_level_in_config_or_environment(tmp_path, how, needle):
     rc, out = validate(tmp_path, **how)
@@ -166,7 +166,7 @@ def test_header_and_log_carry_the_same_prompt_hash(client, envoy):
 @pytest.fixture(scope="module")
 def envoy_metrics(workdir, fake):
     e = Envoy(workdir, name="envoy-metrics", fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
-              plugin_patch={"cache": None}, env_extra={"GEMINI_API_KEY": API_KEY})
+              plugin=with_plugin(cache=None), env_extra={"GEMINI_API_KEY": API_KEY})
     yield e
     e.stop()
 

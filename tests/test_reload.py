@@ -1,65 +1,35 @@
 """Plugin configuration changed at runtime through a file-based LDS (issue 7): a valid change
 takes effect without dropping requests in flight, an invalid one is rejected while the old one
 keeps serving, and L1 (shared data of the same vm_id) survives the reload."""
-import copy
 import json
-import os
 import threading
 import time
 
 import pytest
-import yaml
 
 from conftest import API_KEY, unique
-from harness import WASM, Process, envoy_bin, free_port, http, render_envoy
+from harness import Envoy, http, with_plugin
 
 
-def listener_with(base_listener, safety_default, max_n=4):
-    l = copy.deepcopy(base_listener)
-    cfg = render_envoy.plugin_config(l)
-    cfg["safety"]["default"] = safety_default
-    cfg["limits"]["max_n"] = max_n
-    cfg["cache"] = {"ttl_seconds": 600, "l1": {"max_entries": 16, "max_entry_bytes": 16777216, "hot_bytes": 0}}
-    render_envoy._set_plugin_config(l, cfg)
-    return l
-
-
-def write_lds(path, listener):
-    doc = {"resources": [dict(listener, **{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener"})]}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(doc, f, sort_keys=False)
-    os.replace(tmp, path)  # an atomic move is what Envoy's file watcher expects
+def plugin(safety_default, max_n=4):
+    """The shipped configuration with a safety level, and L1 alone (no hot set, so every hit is
+    read from shared data, which is what survives the reload)."""
+    return with_plugin(safety={"default": safety_default}, limits={"max_n": max_n},
+                       cache={"ttl_seconds": 600, "l1": {"max_entries": 16, "max_entry_bytes": 16777216, "hot_bytes": 0},
+                              "l2": None})
 
 
 @pytest.fixture
-def lds_envoy(workdir, fake, tmp_path):
-    doc = render_envoy.render(wasm=WASM, fake_gemini="127.0.0.1:%d" % fake.port, listen_port=free_port(),
-                              admin_port=free_port())
-    listener = doc["static_resources"].pop("listeners")[0]
-    lds = str(tmp_path / "lds.yaml")
-    write_lds(lds, listener_with(listener, "LOW"))
-    doc["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": lds}, "resource_api_version": "V3"}}
-    doc["node"] = {"id": "reload-test", "cluster": "reload-test"}
-    cfg = render_envoy.write(doc, str(tmp_path / "bootstrap.yaml"))
-    admin = "http://127.0.0.1:%d" % doc["admin"]["address"]["socket_address"]["port_value"]
-    url = "http://127.0.0.1:%d" % listener["address"]["socket_address"]["port_value"]
-    p = Process("envoy-lds", [envoy_bin(), "-c", cfg, "--concurrency", "2", "--disable-hot-restart",
-                              "--log-level", "warning", "--component-log-level", "wasm:info"],
-                str(tmp_path / "envoy-lds.log"), env=dict(os.environ, GEMINI_API_KEY=API_KEY),
-                ready=lambda: http("GET", admin + "/ready", timeout=1)[0] == 200 and
-                http("GET", url + "/healthz-probe", timeout=1)[0] > 0)
-    yield p, admin, url, lds, listener
-    p.stop()
-    assert "panicked" not in p.output()
+def lds_envoy(fake, tmp_path):
+    e = Envoy(str(tmp_path), name="envoy-lds", lds=True, fake_gemini="127.0.0.1:%d" % fake.port,
+              plugin=plugin("LOW"), env_extra={"GEMINI_API_KEY": API_KEY})
+    yield e
+    e.stop()
+    assert "panicked" not in e.log()
 
 
-def stat(admin, name):
-    for line in http("GET", admin + "/stats?filter=" + name)[2].decode().splitlines():
-        k, _, v = line.partition(": ")
-        if k == name:
-            return int(v)
-    return None
+def stat(e, name):
+    return e.stats().get(name)
 
 
 def post(url, body, store=True):
@@ -70,7 +40,8 @@ def post(url, body, store=True):
 
 
 def test_a_valid_change_applies_without_dropping_requests_in_flight(lds_envoy):
-    p, admin, url, lds, listener = lds_envoy
+    e = lds_envoy
+    url = e.url()
     cached = unique("survives reload")
     assert post(url, {"prompt": cached})[1]["x-image-cache"] == "miss"
     assert post(url, {"prompt": cached})[1]["x-image-cache"] == "hit-l1"
@@ -80,12 +51,12 @@ def test_a_valid_change_applies_without_dropping_requests_in_flight(lds_envoy):
     slow = threading.Thread(target=lambda: in_flight.update(r=post(url, {"prompt": unique("in flight [fake:delay=1500]")}, store=False)))
     slow.start()
     time.sleep(0.3)
-    updates = stat(admin, "listener_manager.lds.update_success")
-    write_lds(lds, listener_with(listener, "HIGH"))
+    updates = stat(e, "listener_manager.lds.update_success")
+    e.set_plugin(plugin("HIGH"))
     deadline = time.time() + 10
-    while stat(admin, "listener_manager.lds.update_success") == updates and time.time() < deadline:
+    while stat(e, "listener_manager.lds.update_success") == updates and time.time() < deadline:
         time.sleep(0.1)
-    assert stat(admin, "listener_manager.lds.update_success") == updates + 1
+    assert stat(e, "listener_manager.lds.update_success") == updates + 1
     slow.join(10)
     assert in_flight["r"][0] == 200, "the request in flight during the change completed"
     deadline = time.time() + 10
@@ -98,13 +69,14 @@ def test_a_valid_change_applies_without_dropping_requests_in_flight(lds_envoy):
 
 
 def test_an_invalid_change_is_rejected_and_the_old_config_keeps_serving(lds_envoy):
-    p, admin, url, lds, listener = lds_envoy
-    rejected = stat(admin, "listener_manager.lds.update_rejected") or 0
-    write_lds(lds, listener_with(listener, "SOMETIMES"))
+    e = lds_envoy
+    url = e.url()
+    rejected = stat(e, "listener_manager.lds.update_rejected") or 0
+    e.set_plugin(plugin("SOMETIMES"))
     deadline = time.time() + 10
-    while (stat(admin, "listener_manager.lds.update_rejected") or 0) == rejected and time.time() < deadline:
+    while (stat(e, "listener_manager.lds.update_rejected") or 0) == rejected and time.time() < deadline:
         time.sleep(0.1)
-    assert (stat(admin, "listener_manager.lds.update_rejected") or 0) == rejected + 1
-    assert "refusing to start" in p.output() and "SOMETIMES" in p.output()
+    assert (stat(e, "listener_manager.lds.update_rejected") or 0) == rejected + 1
+    assert "refusing to start" in e.log() and "SOMETIMES" in e.log()
     status, headers, _ = post(url, {"prompt": unique("after a bad update")})
     assert status == 200 and headers["x-image-safety"] == "LOW", "the old listener still serves"

@@ -5,7 +5,7 @@ import random
 import subprocess
 
 from conftest import unique
-from harness import ROOT, envoy_bin, render_envoy, WASM
+from harness import ROOT, envoy_bin, render_envoy, WASM, with_plugin
 
 
 def malformed_bodies(count, seed=7):
@@ -63,7 +63,7 @@ def test_shipped_config_passes_envoy_validate():
 
 
 def test_a_bad_plugin_config_is_refused_with_a_reason(tmp_path):
-    doc = render_envoy.render(wasm=WASM, plugin_patch={"limits": {"max_n": 50}})
+    doc = render_envoy.render(wasm=WASM, plugin=with_plugin(limits={"max_n": 50}))
     path = render_envoy.write(doc, str(tmp_path / "bad.yaml"))
     r = subprocess.run([envoy_bin(), "--mode", "validate", "-c", path], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
