@@ -4,10 +4,10 @@
 
 use std::rc::Rc;
 
-use gemini_image_filter::cache::{decode_entry, encode_entry, l1_slot_state};
-use gemini_image_filter::config::Settings;
+use gemini_image_filter::cache::{decode_entry, encode_entry, l1_slot_state, verify_untrusted};
+use gemini_image_filter::config::{Settings, MAX_TTL_SECONDS};
 use gemini_image_filter::endpoint::Endpoint;
-use gemini_image_filter::exchange::{Effect, Exchange, RequestHead};
+use gemini_image_filter::exchange::{Effect, Exchange, Reply, RequestHead};
 use gemini_image_filter::gemini::{is_base64, read_call, CallResponse};
 use gemini_image_filter::request::parse_request;
 
@@ -40,44 +40,90 @@ pub fn check_gemini_reader(data: &[u8]) {
         None => (Some(200), data),
     };
     let content_type = Some(if data.len().is_multiple_of(2) { "application/json" } else { "text/plain" }.to_string());
-    let out = read_call(CallResponse { status, content_type, body: body.to_vec(), elapsed_ms: 1, timeout_ms: 1000 });
+    let response = CallResponse { status, content_type, body: body.to_vec(), elapsed_ms: 1, timeout_ms: 1000, ..Default::default() };
+    let out = read_call(response);
     match &out.result {
         Ok(image) => assert!(is_base64(image.base64())),
         Err(e) => assert!(e.code.as_str().starts_with("IMG_")),
     }
 }
 
-/// The cache entry decoder and the L1 slot reader: garbage is a miss; what decodes re-encodes
-/// to the same bytes.
+/// The cache entry decoder, the untrusted-entry checks and the L1 slot reader: garbage is a
+/// miss; what decodes re-encodes to the same bytes; what passes the checks is safe to put in
+/// a JSON string.
 pub fn check_entry_decoder(data: &[u8]) {
     let _ = l1_slot_state(Some(data), "img:k", 100);
-    for key in ["img:k", ""] {
-        if let Some(e) = decode_entry(data, key, true) {
-            assert_eq!(encode_entry(e.key, e.created, e.usage, &e.images), data);
-        }
-    }
+    let mut keys = vec!["img:k".to_string(), String::new()];
     if data.len() > 8 {
         let key_len = u32::from_be_bytes([data[4], data[5], data[6], data[7]]) as usize;
         if let Some(key) = data.get(8..8usize.saturating_add(key_len)).and_then(|k| std::str::from_utf8(k).ok()) {
-            if let Some(e) = decode_entry(data, key, false) {
-                assert_eq!(encode_entry(e.key, e.created, e.usage, &e.images), data);
+            keys.push(key.to_string());
+        }
+    }
+    for key in &keys {
+        if let Some(e) = decode_entry(data, key) {
+            assert_eq!(encode_entry(e.key, e.created, e.usage, &e.images), data);
+            let n = e.images.len() as u32;
+            if verify_untrusted(&e, n, e.created, 60).is_ok() {
+                for image in &e.images {
+                    assert!(image.base64.iter().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(b)));
+                }
             }
         }
     }
 }
 
-/// The L2 answer in the request's flow: a hit or a Gemini call, exactly one, whatever the cache
-/// service sends.
+/// The L2 answer in the request's flow: a hit or the way to Gemini (admission), exactly one,
+/// whatever the cache service sends; every reply is valid JSON. The first byte picks the
+/// status; with its high bit set, the rest is wrapped as an entry for the request's own key
+/// (magic, key, then the fuzzer's bytes), so the fuzzer reaches the checks behind the key.
 pub fn check_l2_response(data: &[u8]) {
     let settings = Rc::new(Settings::from_json(br#"{"cache": {"l2": {}}}"#, &|_| None).expect("valid"));
     let head = RequestHead { method: "POST".into(), content_type: Some("application/json".into()), ..Default::default() };
-    let mut ex = Exchange::new(settings, Endpoint::Generations, head, 0);
-    let effects = ex.on_body(br#"{"prompt": "a cat"}"#, 1);
-    assert!(matches!(effects.first(), Some(Effect::CallL2(_))));
+    let mut ex = Exchange::new(settings, Endpoint::Generations, head, 1_000_000);
+    let effects = ex.on_body(br#"{"prompt": "a cat"}"#, 1_000_000);
+    let Some(Effect::CallL2(call)) = effects.first() else { panic!("an L2 lookup first") };
+    let key = call.headers.iter().find(|(k, _)| k == ":path").map(|(_, v)| v.trim_start_matches("/v1/cache/").to_string());
+    let first = data.first().copied().unwrap_or(0);
     let status = data.first().map(|b| [200u32, 404, 500, 401][(*b % 4) as usize]);
-    let body = data.get(1..).unwrap_or_default().to_vec();
-    let effects = ex.on_l2_response(CallResponse { status, body, ..Default::default() }, 2);
-    let replies = effects.iter().filter(|e| matches!(e, Effect::Reply(_))).count();
-    let calls = effects.iter().filter(|e| matches!(e, Effect::CallGemini { .. })).count();
-    assert_eq!(replies + calls, 1, "a hit or a Gemini call, exactly one");
+    let rest = data.get(1..).unwrap_or_default();
+    let body = match key {
+        Some(key) if first & 0x80 != 0 => {
+            let mut b = b"GIE1".to_vec();
+            b.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            b.extend_from_slice(key.as_bytes());
+            b.extend_from_slice(rest);
+            b
+        }
+        _ => rest.to_vec(),
+    };
+    let effects = ex.on_l2_response(CallResponse { status, body, ..Default::default() }, 1_000_001);
+    let replies: Vec<&Reply> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let onward = effects.iter().filter(|e| matches!(e, Effect::Admit { .. })).count();
+    assert_eq!(replies.len() + onward, 1, "a hit or the way to Gemini, exactly one");
+    for r in replies {
+        assert!(serde_json::from_slice::<serde_json::Value>(&r.body).is_ok(), "a reply that is not JSON");
+    }
+}
+
+/// The plugin configuration: any bytes are a configuration or a reason, never a panic; an
+/// accepted one keeps its numbers in range.
+pub fn check_config(data: &[u8]) {
+    let env = |name: &str| (name == "GEMINI_IMAGE_SAFETY_THRESHOLD").then(|| "low".to_string());
+    match Settings::from_json(data, &env) {
+        Ok(s) => {
+            assert!((1..=10).contains(&s.limits.max_n));
+            if let Some(c) = &s.cache {
+                assert!(c.ttl_seconds >= 1 && c.ttl_seconds <= MAX_TTL_SECONDS);
+            }
+            assert!(s.limits.max_inflight_bytes <= 1 << 30);
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
 }

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::gemini::Usage;
 use crate::hash::hex;
+use crate::image_type::ImageType;
 use crate::openai::ImageView;
 use crate::request::ImageRequest;
 
@@ -121,9 +122,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Reads an entry; `None` for anything that is not a whole, well-formed entry for `key`.
-/// `check_base64` also scans the images (for entries from outside the process: L2).
-pub fn decode_entry<'a>(bytes: &'a [u8], key: &str, check_base64: bool) -> Option<Entry<'a>> {
+/// Reads an entry; `None` for anything that is not a whole, well-formed entry for `key`. This
+/// checks structure only: enough for entries this filter wrote into shared data (L1); an entry
+/// from outside the process (L2) must also pass `verify_untrusted`.
+pub fn decode_entry<'a>(bytes: &'a [u8], key: &str) -> Option<Entry<'a>> {
     let mut r = Reader { bytes, at: 0 };
     if r.take(4)? != ENTRY_MAGIC {
         return None;
@@ -154,15 +156,55 @@ pub fn decode_entry<'a>(bytes: &'a [u8], key: &str, check_base64: bool) -> Optio
         let text = if text_len == NO_TEXT { None } else { Some(r.str(text_len as usize)?) };
         let b64_len = r.u32()? as usize;
         let base64 = r.take(b64_len)?;
-        if check_base64 && !crate::gemini::is_base64(base64) {
-            return None;
-        }
         images.push(ImageView { mime_type, text, base64 });
     }
     if r.at != bytes.len() {
         return None;
     }
     Some(Entry { key: stored_key, created, usage, images })
+}
+
+/// When an entry made at `created` (seconds) stops being served: `ttl_seconds` after Gemini
+/// answered it, whichever tier or copy it comes from.
+pub fn expires_at(created: u64, ttl_seconds: u64) -> u64 {
+    created.saturating_add(ttl_seconds)
+}
+
+/// How far in the future an entry's creation time may lie (clocks of a fleet differ a little).
+pub const MAX_CLOCK_SKEW_S: u64 = 300;
+
+/// Why an entry from outside the process is not served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Distrust {
+    /// Not the number of images the request asks for (only complete answers are stored).
+    WrongCount,
+    /// An image that is not standard base64: it would break the JSON answer.
+    BadBase64,
+    /// An image whose first bytes are not of its declared type.
+    WrongType,
+    /// Older than the TTL, or made further in the future than clocks differ.
+    Expired,
+}
+
+/// Checks an entry from outside the process (L2) as fully as a Gemini answer before a byte of
+/// it reaches a client or L1: image count, base64 alphabet, each image's first bytes against
+/// its declared type, and its age.
+pub fn verify_untrusted(entry: &Entry, images_wanted: u32, now_s: u64, ttl_seconds: u64) -> Result<(), Distrust> {
+    if entry.images.len() != images_wanted as usize {
+        return Err(Distrust::WrongCount);
+    }
+    if expires_at(entry.created, ttl_seconds) <= now_s || entry.created > now_s.saturating_add(MAX_CLOCK_SKEW_S) {
+        return Err(Distrust::Expired);
+    }
+    for image in &entry.images {
+        if !crate::gemini::is_base64(image.base64) {
+            return Err(Distrust::BadBase64);
+        }
+        if ImageType::sniff_base64(image.base64).map(ImageType::as_str) != Some(image.mime_type) {
+            return Err(Distrust::WrongType);
+        }
+    }
+    Ok(())
 }
 
 /// L1: `max_entries` fixed slots in Envoy shared data, two-way set-associative: a key may live
@@ -257,7 +299,7 @@ pub fn l1_lookup(
     for slot in l1_slots(key, max_entries) {
         let (candidate, expiry) = match l1_slot_state(read(&slot.meta_key).as_deref(), &key.key, now_s) {
             SlotState::Fresh => match read(&slot.data_key) {
-                Some(data) if decode_entry(&data, &key.key, false).is_some() => return L1Read::Hit(data),
+                Some(data) if decode_entry(&data, &key.key).is_some() => return L1Read::Hit(data),
                 _ => (StorePlan { slot: slot.index, evicts: false }, 0),
             },
             SlotState::Free => (StorePlan { slot: slot.index, evicts: false }, 0),
@@ -340,25 +382,50 @@ mod tests {
     fn entries_round_trip() {
         let usage = Some(Usage { input_tokens: 1, output_tokens: 2, total_tokens: 3 });
         let bytes = encode_entry("img:k", 99, usage, &sample());
-        let e = decode_entry(&bytes, "img:k", true).unwrap();
+        let e = decode_entry(&bytes, "img:k").unwrap();
         assert_eq!(e, Entry { key: "img:k", created: 99, usage, images: sample() });
-        assert_eq!(decode_entry(&bytes, "img:other", true), None, "an entry for another key is a miss");
+        assert_eq!(decode_entry(&bytes, "img:other"), None, "an entry for another key is a miss");
     }
 
     #[test]
     fn damaged_entries_are_misses() {
         let bytes = encode_entry("img:k", 99, None, &sample());
         for cut in 0..bytes.len() {
-            assert_eq!(decode_entry(&bytes[..cut], "img:k", true), None, "cut at {cut}");
+            assert_eq!(decode_entry(&bytes[..cut], "img:k"), None, "cut at {cut}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert_eq!(decode_entry(&longer, "img:k", true), None);
-        let bad = encode_entry("img:k", 1, None, &[ImageView { mime_type: "image/png", text: None, base64: b"no!" }]);
-        assert_eq!(decode_entry(&bad, "img:k", true), None);
-        assert!(decode_entry(&bad, "img:k", false).is_some());
-        assert_eq!(decode_entry(b"garbage garbage garbage", "img:k", true), None);
-        assert_eq!(decode_entry(&encode_entry("img:k", 1, None, &[]), "img:k", true), None);
+        assert_eq!(decode_entry(&longer, "img:k"), None);
+        assert_eq!(decode_entry(b"garbage garbage garbage", "img:k"), None);
+        assert_eq!(decode_entry(&encode_entry("img:k", 1, None, &[]), "img:k"), None);
+    }
+
+    const PNG_B64: &[u8] = b"iVBORw0KGgoAAAANSUhEUgAA";
+
+    #[test]
+    fn untrusted_entries_are_checked_like_a_gemini_answer() {
+        let png = |b64: &'static [u8]| ImageView { mime_type: "image/png", text: None, base64: b64 };
+        let check = |images: &[ImageView], wanted: u32, created: u64| {
+            let bytes = encode_entry("img:k", created, None, images);
+            let entry = decode_entry(&bytes, "img:k").expect("well-formed");
+            verify_untrusted(&entry, wanted, 1_000, 60)
+        };
+        assert_eq!(check(&[png(PNG_B64), png(PNG_B64)], 2, 990), Ok(()));
+        assert_eq!(check(&[png(PNG_B64)], 2, 990), Err(Distrust::WrongCount));
+        // What would break out of the JSON string, or is not base64 at all.
+        for bad in [&b"iVBORw0KGgo\"AAA"[..], b"iVBORw0KGgo\\AAA", b"iVBORw0KGgo\x01AAA", b"no!", b""] {
+            assert_eq!(check(&[png(bad)], 1, 990), Err(Distrust::BadBase64), "{bad:?}");
+        }
+        assert_eq!(check(&[png(b"QUFBQUFBQUFBQUFB")], 1, 990), Err(Distrust::WrongType), "not a PNG");
+        let jpeg_named_png = png(b"/9j/4AAQSkZJRgABAQ==");
+        assert_eq!(check(&[jpeg_named_png], 1, 990), Err(Distrust::WrongType));
+        let jpeg = ImageView { mime_type: "image/jpeg", text: None, base64: b"/9j/4AAQSkZJRgABAQ==" };
+        assert_eq!(check(&[jpeg], 1, 990), Ok(()));
+        assert_eq!(check(&[png(PNG_B64)], 1, 940), Err(Distrust::Expired), "made 60 s ago: its TTL is over");
+        assert_eq!(check(&[png(PNG_B64)], 1, 941), Ok(()));
+        assert_eq!(check(&[png(PNG_B64)], 1, 1_000 + MAX_CLOCK_SKEW_S + 1), Err(Distrust::Expired), "from the future");
+        assert_eq!(check(&[png(PNG_B64)], 1, u64::MAX), Err(Distrust::Expired));
+        assert_eq!(expires_at(u64::MAX - 1, 60), u64::MAX, "saturates");
     }
 
     #[test]

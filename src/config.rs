@@ -12,6 +12,12 @@ use crate::safety::SafetyPolicy;
 
 /// The environment variable that sets the platform safety level.
 pub const SAFETY_ENV: &str = "GEMINI_IMAGE_SAFETY_THRESHOLD";
+const MIB: u64 = 1024 * 1024;
+/// `cache.ttl_seconds` may never be set above this (a year): an expiry is never near wrapping.
+pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+/// `limits.max_inflight_bytes` may never be set above this: the worker's wasm32 VM has 4 GiB in
+/// all, and a reply briefly holds the answers and their rendering side by side.
+pub const MAX_INFLIGHT_BYTES_CEILING: u64 = 1024 * MIB;
 /// `limits.max_n` may never be set above this.
 pub const MAX_N_CEILING: u32 = 10;
 
@@ -84,11 +90,20 @@ struct RawLimits {
     max_prompt_chars: usize,
     max_body_bytes: usize,
     max_image_size: String,
+    max_inflight_requests: u32,
+    max_inflight_bytes: u64,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
-        RawLimits { max_n: 4, max_prompt_chars: 32000, max_body_bytes: 1_048_576, max_image_size: "4K".into() }
+        RawLimits {
+            max_n: 4,
+            max_prompt_chars: 32000,
+            max_body_bytes: 1_048_576,
+            max_image_size: "4K".into(),
+            max_inflight_requests: 64,
+            max_inflight_bytes: 256 * MIB,
+        }
     }
 }
 
@@ -174,6 +189,10 @@ pub struct Limits {
     pub max_prompt_chars: usize,
     pub max_body_bytes: usize,
     pub max_image_size: ImageSize,
+    /// Requests one worker may hold between admission and reply.
+    pub max_inflight_requests: u32,
+    /// Bytes of Gemini answers one worker may hold for requests in flight.
+    pub max_inflight_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -315,7 +334,15 @@ impl Settings {
         let raw: RawConfig = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             RawConfig::default()
         } else {
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::Unreadable(e.to_string()))?
+            // An object and nothing else: serde would also read a struct from an array.
+            match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'{') => serde_json::from_slice(bytes).map_err(|e| ConfigError::Unreadable(e.to_string()))?,
+                _ => {
+                    let what = serde_json::from_slice::<serde_json::Value>(bytes)
+                        .map_or("not JSON", |v| crate::request::json_type(&v));
+                    return Err(ConfigError::Unreadable(format!("must be a JSON object, not {what}")));
+                }
+            }
         };
         let mut warnings = Vec::new();
 
@@ -360,11 +387,13 @@ impl Settings {
         at_least("limits.max_prompt_chars", l.max_prompt_chars, 1)?;
         at_least("limits.max_body_bytes", l.max_body_bytes, 64)?;
         let max_image_size = parse_named::<ImageSize>("limits.max_image_size", &l.max_image_size)?;
+        in_range("limits.max_inflight_requests", l.max_inflight_requests, 1, 100_000)?;
+        in_range("limits.max_inflight_bytes", l.max_inflight_bytes, MIB, MAX_INFLIGHT_BYTES_CEILING)?;
 
         let cache = match raw.cache {
             None => None,
             Some(c) => {
-                at_least("cache.ttl_seconds", c.ttl_seconds, 1)?;
+                in_range("cache.ttl_seconds", c.ttl_seconds, 1, MAX_TTL_SECONDS)?;
                 let l1 = match c.l1 {
                     None => None,
                     Some(l1) => {
@@ -412,6 +441,8 @@ impl Settings {
                 max_prompt_chars: l.max_prompt_chars,
                 max_body_bytes: l.max_body_bytes,
                 max_image_size,
+                max_inflight_requests: l.max_inflight_requests,
+                max_inflight_bytes: l.max_inflight_bytes,
             },
             styles: Styles { vivid: raw.styles.vivid, natural: raw.styles.natural },
             cache,
@@ -438,7 +469,14 @@ mod tests {
         assert_eq!(s.gemini.timeout_ms, 180_000);
         assert_eq!(
             s.limits,
-            Limits { max_n: 4, max_prompt_chars: 32000, max_body_bytes: 1_048_576, max_image_size: ImageSize::K4 }
+            Limits {
+                max_n: 4,
+                max_prompt_chars: 32000,
+                max_body_bytes: 1_048_576,
+                max_image_size: ImageSize::K4,
+                max_inflight_requests: 64,
+                max_inflight_bytes: 268_435_456,
+            }
         );
         assert_eq!(s.safety.default, SafetyLevel::Off);
         assert!(s.safety.allow_request_override);
@@ -459,7 +497,8 @@ mod tests {
           "models": {"aliases": {"dall-e-3": "gemini-3-pro-image", "gpt-image-1": "gemini-3-pro-image"}},
           "safety": {"default": "OFF", "allow_request_override": true, "minimum": "OFF"},
           "limits": {"max_n": 4, "max_prompt_chars": 32000, "max_body_bytes": 1048576,
-                     "max_image_size": "4K"},
+                     "max_image_size": "4K", "max_inflight_requests": 64,
+                     "max_inflight_bytes": 268435456},
           "styles": {"vivid": "vivid colors, dramatic lighting, rich details",
                      "natural": "natural lighting, realistic, photorealistic"},
           "cache": {"ttl_seconds": 3600,
@@ -482,7 +521,7 @@ mod tests {
 
     #[test]
     fn bad_configs_say_why() {
-        let cases: [(&[u8], &str); 10] = [
+        let cases: [(&[u8], &str); 19] = [
             (br#"{"bogus": 1}"#, "bogus"),
             (br#"{"gemini": {"clustr": "x"}}"#, "clustr"),
             (br#"{"safety": {"default": "SOMETIMES"}}"#, "SOMETIMES"),
@@ -492,7 +531,16 @@ mod tests {
             (br#"{"limits": {"max_image_size": "8K"}}"#, "8K"),
             (br#"{"models": {"aliases": {"x": "gpt-4"}}}"#, "gpt-4"),
             (br#"{"cache": {"l1": {"max_entries": 0}}}"#, "max_entries"),
-            (br#"[1,2]"#, "plugin configuration"),
+            (br#"[1,2]"#, "not an array"),
+            (b"[]", "must be a JSON object, not an array"),
+            (br#""{}""#, "not a string"),
+            (b"42", "not a number"),
+            (b"null", "not null"),
+            (b"true", "not a boolean"),
+            (br#"{"cache": {"ttl_seconds": 18446744073709551615}}"#, "cache.ttl_seconds"),
+            (br#"{"cache": {"ttl_seconds": 31536001}}"#, "1..=31536000"),
+            (br#"{"limits": {"max_inflight_requests": 0}}"#, "max_inflight_requests"),
+            (br#"{"limits": {"max_inflight_bytes": 4294967296}}"#, "max_inflight_bytes"),
         ];
         for (json, needle) in cases {
             let e = Settings::from_json(json, &no_env).unwrap_err().to_string();

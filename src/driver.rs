@@ -54,16 +54,62 @@ pub enum Verdict {
 /// Cache writes waiting beyond this are dropped (and counted as L2 errors).
 pub const MAX_QUEUED_WRITES: usize = 256;
 
+/// What one worker holds for requests in flight, against `limits.max_inflight_requests` and
+/// `limits.max_inflight_bytes` (docs/reliability.md, "Overload").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub max_requests: u32,
+    pub max_bytes: u64,
+    pub requests: u32,
+    pub bytes: u64,
+}
+
+impl Budget {
+    /// Room for one more request expecting `bytes`. A worker that holds nothing always admits
+    /// one request, so that a request larger than the whole bound is served alone rather than
+    /// never.
+    fn admit(&mut self, bytes: u64) -> bool {
+        let idle = self.requests == 0;
+        if !idle && (self.requests >= self.max_requests || self.bytes.saturating_add(bytes) > self.max_bytes) {
+            return false;
+        }
+        self.requests += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        true
+    }
+
+    /// Room for `extra` bytes more for a request already admitted (an answer larger than was
+    /// reserved for it).
+    fn grow(&mut self, extra: u64) -> bool {
+        if self.bytes.saturating_add(extra) > self.max_bytes {
+            return false;
+        }
+        self.bytes += extra;
+        true
+    }
+
+    fn release(&mut self, bytes: u64) {
+        self.requests = self.requests.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+}
+
 /// One VM's state, shared by its root context and its streams.
 pub struct Worker {
     pub hot: HotSet,
+    pub budget: Budget,
     writes: VecDeque<HttpCall>,
     writes_in_flight: Vec<u32>,
 }
 
 impl Worker {
-    pub fn new(hot_bytes: usize) -> Worker {
-        Worker { hot: HotSet::new(hot_bytes), writes: VecDeque::new(), writes_in_flight: Vec::new() }
+    pub fn new(hot_bytes: usize, max_requests: u32, max_bytes: u64) -> Worker {
+        Worker {
+            hot: HotSet::new(hot_bytes),
+            budget: Budget { max_requests, max_bytes, ..Budget::default() },
+            writes: VecDeque::new(),
+            writes_in_flight: Vec::new(),
+        }
     }
 
     /// Queues a cache write for the root's next tick; false when the queue is full.
@@ -92,7 +138,7 @@ pub const WRITE_TICK_MS: u64 = 50;
 
 impl Default for WorkerDriver {
     fn default() -> Self {
-        WorkerDriver { settings: None, worker: Rc::new(RefCell::new(Worker::new(0))) }
+        WorkerDriver { settings: None, worker: Rc::new(RefCell::new(Worker::new(0, 0, 0))) }
     }
 }
 
@@ -113,7 +159,12 @@ impl WorkerDriver {
                 host.log(LogLevel::Info, &format!("gemini-image-filter: configured ({})", settings.summary()));
                 let l1 = settings.cache.as_ref().and_then(|c| c.l1.as_ref());
                 let tick = settings.cache.as_ref().and_then(|c| c.l2.as_ref()).map(|_| WRITE_TICK_MS);
-                self.worker = Rc::new(RefCell::new(Worker::new(l1.map_or(0, |l1| l1.hot_bytes))));
+                let limits = &settings.limits;
+                self.worker = Rc::new(RefCell::new(Worker::new(
+                    l1.map_or(0, |l1| l1.hot_bytes),
+                    limits.max_inflight_requests,
+                    limits.max_inflight_bytes,
+                )));
                 self.settings = Some(Rc::new(settings));
                 Ok(tick)
             }
@@ -173,6 +224,8 @@ struct PendingCall {
     kind: CallKind,
     sent_ms: u64,
     timeout_ms: u64,
+    /// Bytes of the worker's budget set aside for this call's answer.
+    reserved_bytes: u64,
 }
 
 /// One HTTP stream: request callbacks in, host calls out.
@@ -183,11 +236,22 @@ pub struct StreamDriver {
     exchange: Option<Exchange>,
     pending: Vec<PendingCall>,
     replied: bool,
+    /// Bytes this request holds in the worker's budget, once admitted.
+    held: Option<u64>,
 }
 
 impl StreamDriver {
     pub fn new(settings: Rc<Settings>, worker: Rc<RefCell<Worker>>) -> StreamDriver {
-        StreamDriver { settings, worker, exchange: None, pending: Vec::new(), replied: false }
+        StreamDriver { settings, worker, exchange: None, pending: Vec::new(), replied: false, held: None }
+    }
+
+    /// Gives the request's share of the budget back, once.
+    fn release(&mut self) {
+        if let Some(bytes) = self.held.take() {
+            if let Ok(mut w) = self.worker.try_borrow_mut() {
+                w.budget.release(bytes);
+            }
+        }
     }
 
     pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
@@ -255,8 +319,14 @@ impl StreamDriver {
         let now = host.now_ms();
         let status = if num_headers > 0 { call_status(host) } else { None };
         let content_type = status.and_then(|_| host.call_response_header("content-type"));
-        let body = if status.is_some() { host.call_response_body(body_size) } else { Vec::new() };
+        // An answer larger than its reservation is copied into the VM only if the worker has
+        // room for the difference; else it is left in Envoy and the call fails as overloaded.
+        let extra = (body_size as u64).saturating_sub(call.reserved_bytes);
+        let fits = matches!(call.kind, CallKind::CacheGet) || extra == 0 || self.grow(extra);
+        let refused_bytes = (status.is_some() && !fits).then_some(body_size);
+        let body = if status.is_some() && fits { host.call_response_body(body_size) } else { Vec::new() };
         let response = CallResponse {
+            refused_bytes,
             status,
             content_type,
             body,
@@ -269,10 +339,21 @@ impl StreamDriver {
         }
     }
 
+    /// Takes `extra` more bytes of the worker's budget for this request.
+    fn grow(&mut self, extra: u64) -> bool {
+        let Some(held) = self.held.as_mut() else { return false };
+        let grown = self.worker.try_borrow_mut().is_ok_and(|mut w| w.budget.grow(extra));
+        if grown {
+            *held += extra;
+        }
+        grown
+    }
+
     /// The stream ends; a request still unanswered was abandoned by its client.
     pub fn on_log(&mut self, host: &mut dyn Host) {
         let now = host.now_ms();
         self.feed(host, |ex| ex.on_abandoned(now));
+        self.release();
     }
 
     fn body_complete(&mut self, host: &mut dyn Host, size: usize) {
@@ -296,12 +377,22 @@ impl StreamDriver {
             let more = self.carry_out(host, effect);
             queue.extend(more);
         }
+        if self.exchange.as_ref().is_some_and(Exchange::is_done) {
+            self.release();
+        }
     }
 
     fn carry_out(&mut self, host: &mut dyn Host, effect: Effect) -> Vec<Effect> {
         let Some(ex) = self.exchange.as_mut() else { return Vec::new() };
         match effect {
-            Effect::CallGemini { count, call } => {
+            Effect::Admit { bytes } => {
+                let granted = self.worker.try_borrow_mut().is_ok_and(|mut w| w.budget.admit(bytes));
+                if granted {
+                    self.held = Some(bytes);
+                }
+                ex.on_admission(granted, host.now_ms())
+            }
+            Effect::CallGemini { count, call, reserved_bytes } => {
                 let mut more = Vec::new();
                 for index in 0..count {
                     let sent_ms = host.now_ms();
@@ -311,6 +402,7 @@ impl StreamDriver {
                             kind: CallKind::Gemini(index),
                             sent_ms,
                             timeout_ms: call.timeout_ms,
+                            reserved_bytes,
                         }),
                         Err(why) => {
                             // The operator's log gets the reason; the client a plain 500.
@@ -359,6 +451,7 @@ impl StreamDriver {
                             kind: CallKind::CacheGet,
                             sent_ms,
                             timeout_ms: call.timeout_ms,
+                            reserved_bytes: 0,
                         });
                         Vec::new()
                     }
@@ -394,6 +487,14 @@ impl StreamDriver {
                 Vec::new()
             }
         }
+    }
+}
+
+/// A stream that ends without `on_log` (a VM torn down mid-request) still gives back its share
+/// of the budget: a leak would refuse every later request on this worker.
+impl Drop for StreamDriver {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

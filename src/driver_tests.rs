@@ -10,6 +10,8 @@ use super::*;
 use crate::metrics::CacheTier;
 
 const NOW_MS: u64 = 1_000_000;
+/// The first bytes of a PNG, in base64: what an L2 entry's images must start with.
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAA";
 
 /// A `Host` in memory: request headers and body to read, call-outs recorded with tokens,
 /// one call-out answer "being delivered", shared data in a map, replies, logs and counters kept.
@@ -132,6 +134,7 @@ pub fn ok_response(data: &str) -> CallResponse {
         body: image_body(data),
         elapsed_ms: 5,
         timeout_ms: 1000,
+        ..Default::default()
     }
 }
 
@@ -142,6 +145,7 @@ fn error_response(status: u32, gstatus: &str) -> CallResponse {
         body: format!(r#"{{"error":{{"code":{status},"message":"m","status":"{gstatus}"}}}}"#).into_bytes(),
         elapsed_ms: 5,
         timeout_ms: 1000,
+        ..Default::default()
     }
 }
 
@@ -176,7 +180,7 @@ impl Gateway {
         Gateway {
             root,
             host,
-            gemini: Box::new(|| ok_response("QUFB")),
+            gemini: Box::new(|| ok_response(PNG)),
             l2: Box::new(|_| CallResponse { status: Some(404), ..Default::default() }),
             l2_put_status: Some(201),
             gemini_calls: 0,
@@ -469,7 +473,7 @@ fn a_success_is_stored_then_served_from_l1_in_any_format() {
     assert_eq!(gw.gemini_calls, 2, "no new Gemini call");
     let v = json_of(&hit);
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
-    assert_eq!(v["data"][0]["url"], "data:image/png;base64,QUFB");
+    assert_eq!(v["data"][0]["url"], format!("data:image/png;base64,{PNG}"));
     assert_eq!(v["usage"]["total_tokens"], 28);
     assert_eq!(gw.counted(Counter::CacheHits(CacheTier::L1)), 1);
     assert_eq!(hit.header("x-image-prompt-hash"), Some(&crate::hash::prompt_hash("a cat")[..]));
@@ -553,7 +557,7 @@ fn partial_results_and_errors_are_never_stored() {
         if k == 1 {
             error_response(500, "INTERNAL")
         } else {
-            ok_response("QUFB")
+            ok_response(PNG)
         }
     });
     let r = gw.request(json!({"prompt": "p", "n": 2}), None);
@@ -619,4 +623,178 @@ fn the_n_calls_of_a_request_share_one_body() {
     let calls: Vec<&HttpCall> = gw.host.dispatched.iter().map(|(_, c)| c).collect();
     assert_eq!(calls.len(), 3);
     assert!(calls.windows(2).all(|w| Rc::ptr_eq(&w[0].body, &w[1].body)));
+}
+
+// ---- what comes back from L2 is untrusted; copies never outlive the TTL ----
+
+/// The cache key a request is stored under, read from its L2 write.
+fn stored_key(gw: &Gateway) -> String {
+    path_of(&gw.l2_writes[0]).trim_start_matches("/v1/cache/").to_string()
+}
+
+/// A gateway whose L2 answers every lookup with `entry(key)`, for the key of `prompt`.
+fn gateway_with_l2_entry(config: &str, body: Value, entry: impl Fn(&str) -> Vec<u8> + 'static) -> Gateway {
+    let mut probe = Gateway::new(config);
+    probe.request(body, None);
+    let key = stored_key(&probe);
+    let bytes = entry(&key);
+    let mut gw = Gateway::new(config);
+    gw.l2 = Box::new(move |_| CallResponse { status: Some(200), body: bytes.clone(), ..Default::default() });
+    gw
+}
+
+fn entry_of(key: &str, created_s: u64, images: &[&[u8]]) -> Vec<u8> {
+    let views: Vec<ImageView> =
+        images.iter().map(|b| ImageView { mime_type: "image/png", text: None, base64: b }).collect();
+    crate::cache::encode_entry(key, created_s, None, &views)
+}
+
+use crate::openai::ImageView;
+
+#[test]
+fn a_well_formed_l2_entry_with_hostile_images_is_a_miss_and_never_reaches_the_client() {
+    let hostile: [&[u8]; 4] = [
+        b"iVBORw0KGgo\",\"url\":\"http://evil\"AA",
+        b"iVBORw0KGgoAAAAN\\u0041AA",
+        b"iVBORw0KGgoAAAANSUhE\x01AA",
+        b"QUFBQUFBQUFBQUFB", // base64, but not the PNG it says it is
+    ];
+    for image in hostile {
+        let mut gw = gateway_with_l2_entry(CACHED, json!({"prompt": "poison"}), move |key| {
+            entry_of(key, NOW_MS / 1000, &[image])
+        });
+        let r = gw.request(json!({"prompt": "poison"}), None);
+        assert_eq!((r.status, r.header("x-image-cache")), (200, Some("miss")), "{image:?}");
+        assert_eq!(gw.gemini_calls, 1, "Gemini answered instead");
+        assert_eq!(gw.counted(Counter::CacheL2Rejected), 1);
+        let v = json_of(&r);
+        assert_eq!(v["data"][0]["b64_json"], PNG, "the answer is Gemini's");
+        // Nothing of the entry went into L1 either.
+        assert!(!gw.host.shared.values().any(|v| v.windows(image.len()).any(|w| w == image)));
+    }
+}
+
+#[test]
+fn an_l2_entry_with_the_wrong_number_of_images_is_a_miss() {
+    let png = PNG.as_bytes();
+    let mut gw = gateway_with_l2_entry(CACHED, json!({"prompt": "count", "n": 2}), move |key| {
+        entry_of(key, NOW_MS / 1000, &[png])
+    });
+    let r = gw.request(json!({"prompt": "count", "n": 2}), None);
+    assert_eq!(r.header("x-image-cache"), Some("miss"));
+    assert_eq!(gw.counted(Counter::CacheL2Rejected), 1);
+}
+
+#[test]
+fn an_entry_never_outlives_its_ttl_whichever_tier_or_copy() {
+    let png = PNG.as_bytes();
+    let now_s = NOW_MS / 1000;
+    // CACHED has ttl_seconds 60. Made 61 s ago: expired, a miss.
+    let mut gw = gateway_with_l2_entry(CACHED, json!({"prompt": "old"}), move |key| entry_of(key, now_s - 61, &[png]));
+    assert_eq!(gw.request(json!({"prompt": "old"}), None).header("x-image-cache"), Some("miss"));
+    assert_eq!(gw.counted(Counter::CacheL2Rejected), 1);
+
+    // Made 50 s ago: served, and every copy expires 10 s from now, not 60.
+    let mut gw =
+        gateway_with_l2_entry(CACHED, json!({"prompt": "aging"}), move |key| entry_of(key, now_s - 50, &[png]));
+    let hit = gw.request(json!({"prompt": "aging"}), None);
+    assert_eq!(hit.header("x-image-cache"), Some("hit-l2"));
+    let meta = gw.host.shared.iter().find(|(k, _)| k.ends_with(".meta")).map(|(_, v)| v.clone()).expect("L1 filled");
+    assert_eq!(u64::from_be_bytes(meta[..8].try_into().unwrap()), now_s + 10, "L1 keeps the entry's own expiry");
+    let key = stored_key(&Gateway::new(CACHED).tap_request(json!({"prompt": "aging"})));
+    let worker = gw.worker();
+    let mut w = worker.borrow_mut();
+    assert!(w.hot.get(&key, crate::request::ResponseFormat::B64Json, now_s + 9).is_some());
+    assert!(w.hot.get(&key, crate::request::ResponseFormat::B64Json, now_s + 10).is_none(), "nor the hot set");
+}
+
+impl Gateway {
+    /// Runs one request and hands the gateway back (for chaining in a test).
+    fn tap_request(mut self, body: Value) -> Gateway {
+        self.request(body, None);
+        self
+    }
+}
+
+#[test]
+fn the_hot_set_obeys_max_entry_bytes() {
+    let big = "iVBORw0KGgo".to_string() + &"A".repeat(2000 - 11) + "=";
+    let big = big[..2000].to_string();
+    let mut gw = Gateway::new(r#"{"cache": {"l1": {"max_entries": 4, "max_entry_bytes": 1000}}}"#);
+    let answer = big.clone();
+    gw.gemini = Box::new(move || ok_response(&answer));
+    assert_eq!(gw.request(json!({"prompt": "big"}), None).header("x-image-cache"), Some("miss"));
+    assert_eq!(gw.request(json!({"prompt": "big"}), None).header("x-image-cache"), Some("miss"));
+    assert_eq!(gw.worker().borrow().hot.used_bytes(), 0);
+    assert_eq!(gw.gemini_calls, 2);
+}
+
+// ---- bounded memory per worker ----
+
+#[test]
+fn past_max_inflight_requests_a_request_gets_503_before_any_gemini_call() {
+    let mut gw = Gateway::new(r#"{"limits": {"max_inflight_requests": 1}}"#);
+    let mut first = gw.send(br#"{"prompt": "first"}"#);
+    assert_eq!(gw.host.dispatched.len(), 1);
+    let mut second = gw.send(br#"{"prompt": "second"}"#);
+    assert_eq!(gw.host.dispatched.len(), 1, "no call for the second");
+    let r = gw.host.replies.pop().expect("the second is refused at once");
+    assert_eq!((r.status, r.header("retry-after")), (503, Some("1")));
+    assert_eq!(json_of(&r)["error"]["code"], "IMG_OVERLOADED");
+    assert_eq!(gw.host.counted(&Counter::Errors(crate::error::ErrorCode::Overloaded)), 1);
+    second.on_log(&mut gw.host);
+    gw.answer_calls(&mut first);
+    assert_eq!(gw.host.replies.pop().map(|r| r.status), Some(200));
+    assert_eq!(gw.worker().borrow().budget.requests, 0, "the first gave its place back");
+    gw.send(br#"{"prompt": "third"}"#);
+    assert_eq!(gw.host.dispatched.len(), 1, "the third is admitted");
+}
+
+#[test]
+fn past_max_inflight_bytes_a_request_is_refused_but_one_alone_is_served() {
+    // n=4 at 1K reserves 4 x 4 MiB: over a 8 MiB bound, but a worker holding nothing admits it.
+    let mut gw = Gateway::new(r#"{"limits": {"max_inflight_bytes": 8388608}}"#);
+    let mut big = gw.send(br#"{"prompt": "alone", "n": 4}"#);
+    assert_eq!(gw.host.dispatched.len(), 4);
+    gw.send(br#"{"prompt": "small"}"#);
+    assert_eq!(gw.host.replies.pop().map(|r| r.status), Some(503));
+    gw.answer_calls(&mut big);
+    assert_eq!(gw.host.replies.pop().map(|r| r.status), Some(200));
+    assert_eq!(gw.worker().borrow().budget, Budget { max_requests: 64, max_bytes: 8_388_608, requests: 0, bytes: 0 });
+}
+
+#[test]
+fn an_answer_larger_than_the_room_left_is_not_copied_into_the_vm() {
+    // 4 MiB reserved per 1K call; the bound leaves 1 MiB more. A 6 MiB answer does not fit.
+    let mut gw = Gateway::new(r#"{"limits": {"max_inflight_bytes": 5242880}}"#);
+    let mut stream = gw.send(br#"{"prompt": "huge answer"}"#);
+    let (token, _) = gw.host.dispatched.pop().unwrap();
+    let mut huge = ok_response(PNG);
+    huge.body.resize(6 * 1024 * 1024, b' ');
+    let (headers, size) = gw.host.deliver(&huge);
+    gw.host.call_body.clear(); // a read would now find nothing: the driver must not read at all
+    stream.on_call_response(&mut gw.host, token, headers, size);
+    let r = gw.host.replies.pop().unwrap();
+    assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (503, Some("IMG_OVERLOADED")));
+    assert_eq!(gw.worker().borrow().budget.bytes, 0);
+
+    // With room for it, the same answer is read and served.
+    let mut gw = Gateway::new(r#"{"limits": {"max_inflight_bytes": 16777216}}"#);
+    let mut stream = gw.send(br#"{"prompt": "huge answer"}"#);
+    let (token, _) = gw.host.dispatched.pop().unwrap();
+    let (headers, size) = gw.host.deliver(&huge);
+    stream.on_call_response(&mut gw.host, token, headers, size);
+    assert_eq!(gw.host.replies.pop().map(|r| r.status), Some(200));
+}
+
+#[test]
+fn a_stream_that_vanishes_gives_its_budget_back() {
+    let mut gw = Gateway::new(r#"{"limits": {"max_inflight_requests": 1}}"#);
+    let left = gw.send(br#"{"prompt": "left"}"#);
+    assert_eq!(gw.worker().borrow().budget.requests, 1);
+    drop(left); // no on_log: a VM torn down mid-request
+    assert_eq!(gw.worker().borrow().budget, Budget { max_requests: 1, max_bytes: 268_435_456, requests: 0, bytes: 0 });
+    let mut abandoned = gw.send(br#"{"prompt": "abandoned"}"#);
+    abandoned.on_log(&mut gw.host);
+    assert_eq!(gw.worker().borrow().budget.requests, 0);
 }

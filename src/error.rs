@@ -15,6 +15,7 @@ pub enum ErrorCode {
     UpstreamError,
     NoImage,
     NetworkError,
+    Overloaded,
     InternalError,
 }
 
@@ -30,6 +31,7 @@ named!(ErrorCode {
     UpstreamError => "IMG_UPSTREAM_ERROR",
     NoImage => "IMG_NO_IMAGE",
     NetworkError => "IMG_NETWORK_ERROR",
+    Overloaded => "IMG_OVERLOADED",
     InternalError => "IMG_INTERNAL_ERROR",
 });
 
@@ -59,7 +61,7 @@ impl ErrorCode {
             | ErrorCode::SafetyBlocked => 400,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::QuotaExhausted => 429,
-            ErrorCode::ServiceUnavailable => 503,
+            ErrorCode::ServiceUnavailable | ErrorCode::Overloaded => 503,
             ErrorCode::UpstreamAuth | ErrorCode::UpstreamError | ErrorCode::NoImage | ErrorCode::NetworkError => 502,
             ErrorCode::InternalError => 500,
         }
@@ -78,7 +80,8 @@ impl ErrorCode {
             | ErrorCode::UpstreamAuth
             | ErrorCode::UpstreamError
             | ErrorCode::NoImage
-            | ErrorCode::NetworkError => "api_error",
+            | ErrorCode::NetworkError
+            | ErrorCode::Overloaded => "api_error",
             ErrorCode::InternalError => "server_error",
         }
     }
@@ -94,7 +97,7 @@ impl ErrorCode {
             | ErrorCode::ServiceUnavailable
             | ErrorCode::UpstreamError
             | ErrorCode::NoImage => Category::ApiError,
-            ErrorCode::UpstreamAuth | ErrorCode::InternalError => Category::SystemError,
+            ErrorCode::UpstreamAuth | ErrorCode::Overloaded | ErrorCode::InternalError => Category::SystemError,
             ErrorCode::NetworkError => Category::NetworkError,
         }
     }
@@ -119,6 +122,9 @@ impl ErrorCode {
             ErrorCode::UpstreamError => "Retry later; if it persists, contact the gateway operator.",
             ErrorCode::NoImage => "Retry, or rephrase the prompt to ask for an image explicitly.",
             ErrorCode::NetworkError => "Retry later; the gateway could not reach Gemini in time.",
+            ErrorCode::Overloaded => {
+                "Retry after the delay in retry-after; this gateway worker holds as many requests as it may."
+            }
             ErrorCode::InternalError => "Retry later and report the x-request-id to the gateway operator.",
         }
     }
@@ -137,7 +143,7 @@ impl ErrorCode {
             ErrorCode::SafetyBlocked => 2,
             ErrorCode::InvalidPrompt => 3,
             ErrorCode::ServiceUnavailable => 4,
-            ErrorCode::NetworkError => 5,
+            ErrorCode::NetworkError | ErrorCode::Overloaded => 5,
             ErrorCode::NoImage => 6,
             ErrorCode::UpstreamError => 7,
             ErrorCode::InvalidRequest
@@ -199,6 +205,7 @@ mod tests {
             ("IMG_UPSTREAM_ERROR", 502, "api_error", "API_ERROR"),
             ("IMG_NO_IMAGE", 502, "api_error", "API_ERROR"),
             ("IMG_NETWORK_ERROR", 502, "api_error", "NETWORK_ERROR"),
+            ("IMG_OVERLOADED", 503, "api_error", "SYSTEM_ERROR"),
             ("IMG_INTERNAL_ERROR", 500, "server_error", "SYSTEM_ERROR"),
         ];
         assert_eq!(rows.len(), ErrorCode::ALL.len());

@@ -12,6 +12,7 @@ use crate::config::Settings;
 use crate::endpoint::Endpoint;
 use crate::error::{ApiError, Category, ErrorCode};
 use crate::gemini::{self, CallOutcome, CallResponse, GeminiImage, Usage};
+use crate::geometry::ImageSize;
 use crate::hot::HotEntry;
 use crate::metrics::{CacheState, CacheTier, Counter, Histogram, Outcome};
 use crate::openai::{self, ImageView};
@@ -62,10 +63,17 @@ pub struct LogLine {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    /// Make `count` calls of `call`; answers come back as `on_call_response(index, ..)`.
+    /// Reserve room in this worker's in-flight bounds for one request that expects up to
+    /// `bytes` of Gemini answers; the answer comes back as `on_admission`.
+    Admit {
+        bytes: u64,
+    },
+    /// Make `count` calls of `call`, each expected to answer within `reserved_bytes`; answers
+    /// come back as `on_call_response(index, ..)`.
     CallGemini {
         count: u32,
         call: HttpCall,
+        reserved_bytes: u64,
     },
     Reply(Reply),
     Log(LogLine),
@@ -109,6 +117,8 @@ enum Phase {
     AwaitingL1(Box<Planned>),
     /// Waiting for the cache service.
     AwaitingL2(Box<Planned>),
+    /// Waiting for room in the worker's in-flight bounds.
+    Admitting(Box<Planned>),
     /// Waiting for the Gemini calls.
     AwaitingGemini(Box<Planned>, Calls),
     /// Answered, or the client left: every later event is ignored.
@@ -126,6 +136,13 @@ impl Phase {
     fn into_awaiting_l2(self) -> Result<Box<Planned>, Phase> {
         match self {
             Phase::AwaitingL2(p) => Ok(p),
+            other => Err(other),
+        }
+    }
+
+    fn into_admitting(self) -> Result<Box<Planned>, Phase> {
+        match self {
+            Phase::Admitting(p) => Ok(p),
             other => Err(other),
         }
     }
@@ -166,6 +183,29 @@ struct Known {
     prompt_hash: Option<String>,
     model: Option<String>,
     safety: Option<SafetyLevel>,
+}
+
+/// Why a cache entry was not served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EntryMiss {
+    /// Not a whole entry for this key, or past its TTL.
+    Unreadable,
+    /// From L2, and failed the checks of an untrusted answer.
+    Distrusted,
+}
+
+/// `retry-after` of an `IMG_OVERLOADED` answer, in seconds.
+pub const OVERLOADED_RETRY_AFTER_S: u64 = 1;
+
+/// The most a Gemini answer of this image size is expected to take (base64 PNG), reserved in
+/// the worker's in-flight bound before the call; an answer over it must find room then.
+pub fn answer_estimate(image_size: Option<ImageSize>) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    match image_size {
+        None | Some(ImageSize::K1) => 4 * MIB,
+        Some(ImageSize::K2) => 12 * MIB,
+        Some(ImageSize::K4) => 32 * MIB,
+    }
 }
 
 /// How a finished request is reported: its log line and metrics.
@@ -308,7 +348,7 @@ impl Exchange {
                 self.phase = Phase::AwaitingL1(planned);
                 vec![effect]
             }
-            _ => self.after_l1(planned, now_ms),
+            _ => self.after_l1(planned),
         }
     }
 
@@ -329,12 +369,12 @@ impl Exchange {
         let Some(mut planned) = self.take(Phase::into_awaiting_l1) else { return Vec::new() };
         match read {
             L1Read::Hit(bytes) => match self.serve_entry(&planned, &bytes, CacheTier::L1, now_ms) {
-                Some(effects) => effects,
-                None => self.after_l1(planned, now_ms), // unreadable after all: a miss
+                Ok((effects, _)) => effects,
+                Err(_) => self.after_l1(planned), // unreadable or expired after all: a miss
             },
             L1Read::Miss(plan) => {
                 planned.cache.l1_plan = Some(plan);
-                self.after_l1(planned, now_ms)
+                self.after_l1(planned)
             }
         }
     }
@@ -360,7 +400,7 @@ impl Exchange {
     }
 
     /// After an L1 miss (or with no L1): ask L2, or go to Gemini.
-    fn after_l1(&mut self, planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
+    fn after_l1(&mut self, planned: Box<Planned>) -> Vec<Effect> {
         match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l2.as_ref())) {
             (Some(key), Some(l2)) if planned.cache.lookup => {
                 let mut headers = vec![
@@ -380,7 +420,7 @@ impl Exchange {
                 self.phase = Phase::AwaitingL2(planned);
                 vec![Effect::CallL2(call)]
             }
-            _ => self.call_gemini(planned, now_ms),
+            _ => self.admit(planned),
         }
     }
 
@@ -391,18 +431,48 @@ impl Exchange {
         let mut effects = Vec::new();
         match response.status {
             Some(200) => match self.serve_entry(&planned, &response.body, CacheTier::L2, now_ms) {
-                Some(mut served) => {
-                    // Fill L1 from L2.
-                    served.extend(self.l1_store(&planned, Rc::new(response.body)));
+                Ok((mut served, created)) => {
+                    // Fill L1 from L2, keeping the entry's own expiry.
+                    served.extend(self.l1_store(&planned, Rc::new(response.body), created));
                     return served;
                 }
-                None => effects.push(Effect::Count(Counter::CacheL2Errors, 1)), // garbled
+                Err(EntryMiss::Unreadable) => effects.push(Effect::Count(Counter::CacheL2Errors, 1)),
+                Err(EntryMiss::Distrusted) => effects.push(Effect::Count(Counter::CacheL2Rejected, 1)),
             },
             Some(404) => {}
             _ => effects.push(Effect::Count(Counter::CacheL2Errors, 1)),
         }
-        effects.extend(self.call_gemini(planned, now_ms));
+        effects.extend(self.admit(planned));
         effects
+    }
+
+    /// Asks for room in the worker's in-flight bounds before any Gemini call: `n` answers of
+    /// up to `answer_estimate` bytes each.
+    fn admit(&mut self, planned: Box<Planned>) -> Vec<Effect> {
+        let mut effects = Vec::with_capacity(2);
+        if self.settings.cache.is_some() {
+            let looked = planned.cache.key.is_some();
+            effects.push(Effect::Count(if looked { Counter::CacheMisses } else { Counter::CacheBypass }, 1));
+        }
+        let bytes = u64::from(planned.req.n).saturating_mul(answer_estimate(planned.req.image_size));
+        self.phase = Phase::Admitting(planned);
+        effects.push(Effect::Admit { bytes });
+        effects
+    }
+
+    /// The worker answered the admission: call Gemini, or refuse with 503 before any call.
+    pub fn on_admission(&mut self, granted: bool, now_ms: u64) -> Vec<Effect> {
+        let Some(planned) = self.take(Phase::into_admitting) else { return Vec::new() };
+        if granted {
+            return self.call_gemini(planned, now_ms);
+        }
+        let mut e = ApiError::new(
+            ErrorCode::Overloaded,
+            "this gateway worker is at its limit of requests in flight; retry after the delay in retry-after",
+        );
+        e.retry_after = Some(OVERLOADED_RETRY_AFTER_S);
+        let ending = Ending::new(e.status(), Outcome::Error, Some(&planned));
+        self.error_reply(e, ending, now_ms)
     }
 
     fn call_gemini(&mut self, planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
@@ -425,15 +495,10 @@ impl Exchange {
             timeout_ms: g.timeout_ms,
         };
         let count = req.n;
-        let mut effects = Vec::with_capacity(2);
-        if self.settings.cache.is_some() {
-            let looked = planned.cache.key.is_some();
-            effects.push(Effect::Count(if looked { Counter::CacheMisses } else { Counter::CacheBypass }, 1));
-        }
-        effects.push(Effect::CallGemini { count, call });
+        let effect = Effect::CallGemini { count, call, reserved_bytes: answer_estimate(req.image_size) };
         let calls = Calls { outcomes: vec![None; count as usize], started_ms: now_ms };
         self.phase = Phase::AwaitingGemini(planned, calls);
-        effects
+        vec![effect]
     }
 
     /// Call `index` could not even be dispatched (unknown cluster, host refused). `why` is for
@@ -512,24 +577,42 @@ impl Exchange {
         effects.push(Effect::Count(Counter::Images, u64::from(ending.images)));
         if failed == 0 {
             // Only complete successes are stored.
-            effects.extend(self.remember(planned, &body, ending.images, usage));
+            effects.extend(self.remember(planned, &body, ending.images, usage, created));
             effects.extend(self.store(planned, &images, usage, created));
         }
         effects
     }
 
-    /// Answers from a cache entry; `None` when the entry does not read back.
-    fn serve_entry(&mut self, planned: &Planned, bytes: &[u8], tier: CacheTier, now_ms: u64) -> Option<Vec<Effect>> {
-        let key = planned.cache.key.as_ref()?;
-        // Entries are written only by this filter; the magic, the lengths and the key inside
-        // catch garbage, truncation and mix-ups without scanning megabytes of base64 again.
-        let entry = cache::decode_entry(bytes, &key.key, false)?;
+    /// Answers from a cache entry, with the entry's creation time. L1 entries were written by
+    /// this filter: the magic, the lengths and the key inside catch garbage, truncation and
+    /// mix-ups without scanning megabytes of base64 again. L2 entries come from outside and are
+    /// checked as fully as a Gemini answer. Either way an entry past its TTL is a miss.
+    fn serve_entry(
+        &mut self,
+        planned: &Planned,
+        bytes: &[u8],
+        tier: CacheTier,
+        now_ms: u64,
+    ) -> Result<(Vec<Effect>, u64), EntryMiss> {
+        let (Some(key), Some(c)) = (&planned.cache.key, &self.settings.cache) else {
+            return Err(EntryMiss::Unreadable);
+        };
+        let entry = cache::decode_entry(bytes, &key.key).ok_or(EntryMiss::Unreadable)?;
+        let now_s = now_ms / 1000;
+        match tier {
+            CacheTier::L1 if cache::expires_at(entry.created, c.ttl_seconds) <= now_s => {
+                return Err(EntryMiss::Unreadable)
+            }
+            CacheTier::L1 => {}
+            CacheTier::L2 => cache::verify_untrusted(&entry, planned.req.n, now_s, c.ttl_seconds)
+                .map_err(|_| EntryMiss::Distrusted)?,
+        }
         let body = Rc::new(openai::images_body(entry.created, &entry.images, planned.req.response_format, entry.usage));
         let images = entry.images.len() as u32;
-        let remember = self.remember(planned, &body, images, entry.usage);
+        let remember = self.remember(planned, &body, images, entry.usage, entry.created);
         let mut effects = self.serve_hit(planned, tier, body, images, entry.usage, now_ms);
         effects.extend(remember);
-        Some(effects)
+        Ok((effects, entry.created))
     }
 
     /// The reply, log line and counters of a cache hit whose answer is rendered.
@@ -554,20 +637,36 @@ impl Exchange {
         effects
     }
 
-    /// The hot-set effect for an answer just rendered, when L1 is on.
-    fn remember(&self, planned: &Planned, body: &Rc<Vec<u8>>, images: u32, usage: Option<Usage>) -> Option<Effect> {
+    /// The hot-set effect for an answer just rendered, when L1 is on and the answer fits its
+    /// per-entry bound (a copy inside a worker is L1 too). It expires with the entry.
+    fn remember(
+        &self,
+        planned: &Planned,
+        body: &Rc<Vec<u8>>,
+        images: u32,
+        usage: Option<Usage>,
+        created: u64,
+    ) -> Option<Effect> {
         let c = self.settings.cache.as_ref()?;
-        c.l1.as_ref()?;
+        let l1 = c.l1.as_ref()?;
         let key = planned.cache.key.as_ref()?;
+        if body.len() > l1.max_entry_bytes {
+            return None;
+        }
         Some(Effect::RememberHot {
             key: key.key.clone(),
             format: planned.req.response_format,
-            entry: HotEntry { body: body.clone(), images, usage, expires_at_s: self.started_ms / 1000 + c.ttl_seconds },
+            entry: HotEntry {
+                body: body.clone(),
+                images,
+                usage,
+                expires_at_s: cache::expires_at(created, c.ttl_seconds),
+            },
         })
     }
 
-    /// The L1 write for an entry, if L1 is on and the entry fits.
-    fn l1_store(&self, planned: &Planned, entry: Rc<Vec<u8>>) -> Vec<Effect> {
+    /// The L1 write for an entry made at `created`, if L1 is on and the entry fits.
+    fn l1_store(&self, planned: &Planned, entry: Rc<Vec<u8>>, created: u64) -> Vec<Effect> {
         let (Some(c), Some(key)) = (&self.settings.cache, &planned.cache.key) else { return Vec::new() };
         let Some(l1) = &c.l1 else { return Vec::new() };
         if entry.len() > l1.max_entry_bytes {
@@ -578,7 +677,7 @@ impl Exchange {
             evicts: false,
         });
         let slot = cache::l1_slot_at(plan.slot);
-        let expires = self.started_ms / 1000 + c.ttl_seconds;
+        let expires = cache::expires_at(created, c.ttl_seconds);
         let mut effects = vec![
             Effect::StoreL1 {
                 meta_key: slot.meta_key,
@@ -601,7 +700,7 @@ impl Exchange {
             return Vec::new();
         }
         let entry = Rc::new(cache::encode_entry(&key.key, created, usage, images));
-        let mut effects = self.l1_store(planned, entry.clone());
+        let mut effects = self.l1_store(planned, entry.clone(), created);
         if let Some(l2) = &c.l2 {
             let mut headers = vec![
                 (":method".to_string(), "PUT".to_string()),
@@ -626,7 +725,7 @@ impl Exchange {
         let (planned, calls) = match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Done => return Vec::new(),
             Phase::Receiving => (None, None),
-            Phase::AwaitingL1(p) | Phase::AwaitingL2(p) => (Some(p), None),
+            Phase::AwaitingL1(p) | Phase::AwaitingL2(p) | Phase::Admitting(p) => (Some(p), None),
             Phase::AwaitingGemini(p, c) => (Some(p), Some(c)),
         };
         let mut ending = Ending::new(499, Outcome::ClientClosed, planned.as_deref());

@@ -38,6 +38,7 @@ fn ok_response(data: &str) -> CallResponse {
         body: image_body(data),
         elapsed_ms: 5,
         timeout_ms: 1000,
+        ..Default::default()
     }
 }
 
@@ -48,6 +49,7 @@ fn error_response(status: u32, gstatus: &str) -> CallResponse {
         body: format!(r#"{{"error":{{"code":{status},"message":"m","status":"{gstatus}"}}}}"#).into_bytes(),
         elapsed_ms: 5,
         timeout_ms: 1000,
+        ..Default::default()
     }
 }
 
@@ -92,8 +94,9 @@ fn start(s: &Rc<Settings>, body: Value) -> (Exchange, u32, HttpCall) {
     let mut ex = Exchange::new(s.clone(), Endpoint::Generations, head(), 1_000);
     assert!(ex.on_headers(1_000).is_empty());
     let effects = ex.on_body(body.to_string().as_bytes(), 1_001);
-    match effects.into_iter().next() {
-        Some(Effect::CallGemini { count, call }) => (ex, count, call),
+    assert!(matches!(effects[..], [Effect::Admit { .. }]), "{effects:?}");
+    match ex.on_admission(true, 1_001).into_iter().next() {
+        Some(Effect::CallGemini { count, call, .. }) => (ex, count, call),
         other => panic!("expected a call, got {other:?}"),
     }
 }
@@ -244,7 +247,7 @@ fn wrong_content_type_is_refused() {
         RequestHead { content_type: Some("Application/JSON; charset=utf-8".into()), ..head() },
         0,
     );
-    assert!(matches!(ex.on_body(br#"{"prompt":"p"}"#, 1)[0], Effect::CallGemini { .. }));
+    assert!(matches!(ex.on_body(br#"{"prompt":"p"}"#, 1)[0], Effect::Admit { .. }));
 }
 
 #[test]

@@ -45,10 +45,11 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Adds another call's counts; numbers from Gemini saturate instead of wrapping.
     pub fn add(&mut self, other: Usage) {
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.total_tokens += other.total_tokens;
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.total_tokens = self.total_tokens.saturating_add(other.total_tokens);
     }
 }
 
@@ -100,6 +101,9 @@ pub struct CallResponse {
     pub status: Option<u32>,
     pub content_type: Option<String>,
     pub body: Vec<u8>,
+    /// Set when the host did not read an answer of this many bytes: it would have taken the
+    /// worker past `limits.max_inflight_bytes`.
+    pub refused_bytes: Option<usize>,
     /// How long the call took, and its timeout, to tell a timeout from other failures.
     pub elapsed_ms: u64,
     pub timeout_ms: u64,
@@ -225,7 +229,7 @@ fn cut(s: &str) -> String {
 /// Reads one call-out's answer.
 pub fn read_call(resp: CallResponse) -> CallOutcome {
     let Some(status) = resp.status else {
-        let timeout = resp.timeout_ms > 0 && resp.elapsed_ms + 50 >= resp.timeout_ms;
+        let timeout = resp.timeout_ms > 0 && resp.elapsed_ms.saturating_add(50) >= resp.timeout_ms;
         let e = if timeout {
             ApiError::timed_out("Gemini did not answer within the gateway's timeout")
         } else {
@@ -233,6 +237,14 @@ pub fn read_call(resp: CallResponse) -> CallOutcome {
         };
         return CallOutcome { upstream_status: 0, result: Err(e), usage: None };
     };
+    if let Some(bytes) = resp.refused_bytes {
+        let mut e = ApiError::new(
+            ErrorCode::Overloaded,
+            format!("Gemini's answer ({bytes} bytes) is more than this gateway worker may hold right now"),
+        );
+        e.retry_after = Some(crate::exchange::OVERLOADED_RETRY_AFTER_S);
+        return CallOutcome { upstream_status: status, result: Err(e), usage: None };
+    }
     if status == 200 {
         let (result, usage) = read_success(resp.body);
         return CallOutcome { upstream_status: status, result, usage };
@@ -245,6 +257,7 @@ pub fn read_call(resp: CallResponse) -> CallOutcome {
 }
 
 fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>) {
+    // The reason names a kind of fault, never the parser's words: those may quote the answer.
     let unreadable =
         |why: &str| ApiError::new(ErrorCode::UpstreamError, format!("Gemini's answer could not be read: {why}"));
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -253,14 +266,23 @@ fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>)
     let found = {
         let wire: WireResponse = match serde_json::from_slice(&body) {
             Ok(w) => w,
-            Err(e) => return (Err(unreadable(&e.to_string())), None),
+            Err(e) => {
+                let why = match e.classify() {
+                    serde_json::error::Category::Eof => "it ends early",
+                    serde_json::error::Category::Syntax => "it is not valid JSON",
+                    serde_json::error::Category::Data => "it does not have the shape of a generateContent answer",
+                    serde_json::error::Category::Io => "it could not be read",
+                };
+                return (Err(unreadable(why)), None);
+            }
         };
-        let usage = wire.usage_metadata.map(|u| Usage {
-            input_tokens: u.prompt_token_count,
-            output_tokens: u.candidates_token_count + u.thoughts_token_count,
-            total_tokens: u
-                .total_token_count
-                .max(u.prompt_token_count + u.candidates_token_count + u.thoughts_token_count),
+        let usage = wire.usage_metadata.map(|u| {
+            let output = u.candidates_token_count.saturating_add(u.thoughts_token_count);
+            Usage {
+                input_tokens: u.prompt_token_count,
+                output_tokens: output,
+                total_tokens: u.total_token_count.max(u.prompt_token_count.saturating_add(output)),
+            }
         });
         if let Some(reason) = wire.prompt_feedback.and_then(|f| f.block_reason) {
             let e = ApiError::param(
@@ -426,6 +448,7 @@ mod tests {
             body: body.as_bytes().to_vec(),
             elapsed_ms: 5,
             timeout_ms: 1000,
+            ..Default::default()
         })
     }
 
@@ -436,9 +459,37 @@ mod tests {
             body: body.as_bytes().to_vec(),
             elapsed_ms: 5,
             timeout_ms: 1000,
+            ..Default::default()
         })
         .result
         .unwrap_err()
+    }
+
+    #[test]
+    fn token_counts_saturate_instead_of_wrapping() {
+        let max = u64::MAX;
+        let body = format!(
+            r#"{{"candidates":[{{"content":{{"parts":[{{"inlineData":{{"mimeType":"image/png","data":"QUFB"}}}}]}}}}],
+            "usageMetadata":{{"promptTokenCount":{max},"candidatesTokenCount":{max},"thoughtsTokenCount":{max},"totalTokenCount":1}}}}"#
+        );
+        let usage = ok(&body).usage.unwrap();
+        assert_eq!((usage.output_tokens, usage.total_tokens), (max, max));
+        let mut sum = usage;
+        sum.add(usage);
+        assert_eq!(sum, usage);
+    }
+
+    #[test]
+    fn an_unreadable_answer_is_described_without_quoting_it() {
+        for body in [
+            r#"{"candidates": "SECRET-PART"}"#,
+            r#"{"candidates": [{"content": {"parts": [{"inlineData": {"data": 7}}]}}], "x": "SECRET-PART"}"#,
+            r#"{"candidates": [SECRET-PART"#,
+        ] {
+            let e = ok(body).result.unwrap_err();
+            assert_eq!(e.code, ErrorCode::UpstreamError);
+            assert!(!e.message.contains("SECRET") && !e.message.contains("line"), "{}", e.message);
+        }
     }
 
     #[test]

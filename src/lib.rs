@@ -16,6 +16,7 @@ pub mod gemini;
 pub mod geometry;
 pub mod hash;
 pub mod hot;
+pub mod image_type;
 pub mod metrics;
 pub mod model;
 pub mod named;

@@ -86,6 +86,8 @@ pub enum Counter {
     CacheStores(CacheTier),
     /// Cache service calls that failed, timed out, or answered garbage (each cost a miss).
     CacheL2Errors,
+    /// L2 entries that read back but failed the checks of an untrusted answer (each a miss).
+    CacheL2Rejected,
     /// L1 stores that replaced another live entry.
     CacheL1Evictions,
     /// Entries over `cache.l1.max_entry_bytes`, kept out of L1.
@@ -107,6 +109,7 @@ impl Counter {
             Counter::CacheBypass => format!("{PREFIX}.cache_bypass"),
             Counter::CacheStores(t) => format!("{PREFIX}.cache_stores.tier.{}", t.as_str()),
             Counter::CacheL2Errors => format!("{PREFIX}.cache_l2_errors"),
+            Counter::CacheL2Rejected => format!("{PREFIX}.cache_l2_rejected"),
             Counter::CacheL1Evictions => format!("{PREFIX}.cache_l1_evictions"),
             Counter::CacheL1TooLarge => format!("{PREFIX}.cache_l1_too_large"),
         }
@@ -130,6 +133,7 @@ impl Counter {
             Counter::CacheMisses,
             Counter::CacheBypass,
             Counter::CacheL2Errors,
+            Counter::CacheL2Rejected,
             Counter::CacheL1Evictions,
             Counter::CacheL1TooLarge,
         ]);

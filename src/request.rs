@@ -1,6 +1,9 @@
 //! The OpenAI Images request (docs/configuration.md, "Requests"): parsed, validated, and resolved into
 //! everything the Gemini calls need. Every bad value is a 400 naming its field.
 
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::Settings;
@@ -129,12 +132,50 @@ pub fn parse_request(body: &[u8], settings: &Settings) -> Result<ImageRequest, R
     }
 }
 
+/// The request fields this gateway reads; any other is ignored, whatever it holds.
+const FIELDS: [&str; 16] = [
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "quality",
+    "style",
+    "response_format",
+    "output_format",
+    "background",
+    "user",
+    "moderation",
+    "stream",
+    "partial_images",
+    "safety_threshold",
+    "image_size",
+    "aspect_ratio",
+];
+
+/// The body as an object of the fields this gateway reads. JSON that is not well-formed is
+/// "not valid JSON"; a field whose value is valid JSON but cannot be held (RFC 8259 sets no
+/// range: `1e400`, or nesting deeper than the parser goes) is a 400 naming that field.
+fn read_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let raw: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(ErrorCode::InvalidRequest, "request body must be a JSON object")
+        }
+        _ => ApiError::new(ErrorCode::InvalidRequest, format!("request body is not valid JSON: {e}")),
+    })?;
+    let mut obj = Map::new();
+    for (name, value) in raw {
+        let Some(field) = FIELDS.iter().copied().find(|f| *f == name) else { continue };
+        let value: Value = serde_json::from_str(value.get()).map_err(|_| {
+            let code = if field == "prompt" { ErrorCode::InvalidPrompt } else { ErrorCode::InvalidRequest };
+            ApiError::param(code, field, format!("{field} holds a number out of range or nesting too deep to read"))
+        })?;
+        obj.insert(name, value);
+    }
+    Ok(obj)
+}
+
 fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result<ImageRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("request body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "request body must be a JSON object"));
-    };
+    let obj = read_object(body)?;
 
     // prompt
     let prompt = match field(&obj, "prompt") {
@@ -306,7 +347,7 @@ fn alias_hint(settings: &Settings) -> String {
     }
 }
 
-fn json_type(v: &Value) -> &'static str {
+pub fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -453,6 +494,28 @@ mod tests {
             let r = parse_request(body, &settings()).unwrap_err();
             assert_eq!((r.error.code, r.error.param), (ErrorCode::InvalidRequest, None));
         }
+    }
+
+    #[test]
+    fn numbers_json_allows_but_nobody_can_hold_name_their_field() {
+        // RFC 8259 sets no range on numbers: these are valid JSON, so not "bad JSON".
+        let s = settings();
+        for (body, param, code) in [
+            (&br#"{"prompt": "p", "n": 1e400}"#[..], "n", ErrorCode::InvalidRequest),
+            (br#"{"prompt": "p", "n": -1e400}"#, "n", ErrorCode::InvalidRequest),
+            (br#"{"prompt": "p", "n": 18446744073709551616}"#, "n", ErrorCode::InvalidRequest),
+            (br#"{"prompt": 1e999}"#, "prompt", ErrorCode::InvalidPrompt),
+            (br#"{"prompt": "p", "size": 1e400}"#, "size", ErrorCode::InvalidRequest),
+            (br#"{"prompt": "p", "size": 1024}"#, "size", ErrorCode::InvalidRequest),
+            (br#"{"prompt": "p", "partial_images": [1e400]}"#, "partial_images", ErrorCode::InvalidRequest),
+        ] {
+            let r = parse_request(body, &s).unwrap_err();
+            assert_eq!((r.error.code, r.error.param), (code, Some(param)), "{}", String::from_utf8_lossy(body));
+        }
+        // A field this gateway does not read is ignored whatever it holds.
+        assert!(parse_request(br#"{"prompt": "p", "future": 1e400}"#, &s).is_ok());
+        // The last of repeated keys counts, as serde_json's own maps do.
+        assert_eq!(parse_request(br#"{"prompt": "p", "n": 9, "n": 2}"#, &s).unwrap().n, 2);
     }
 
     #[test]

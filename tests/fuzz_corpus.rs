@@ -35,3 +35,8 @@ fn entry_decoder_corpus() {
 fn l2_response_corpus() {
     replay("l2_response", check_l2_response);
 }
+
+#[test]
+fn config_corpus() {
+    replay("config", check_config);
+}
