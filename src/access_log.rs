@@ -23,6 +23,8 @@ pub struct LogRecord {
     pub error: Option<ErrorCode>,
     pub model: Option<String>,
     pub variant: Option<String>,
+    /// An edit's input images (the mask not counted).
+    pub input_images: Option<u32>,
     pub n: Option<u32>,
     pub aspect_ratio: Option<&'static str>,
     pub image_size: Option<&'static str>,
@@ -52,6 +54,8 @@ struct Line<'a> {
     category: &'static str,
     model: Option<&'a str>,
     variant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_images: Option<u32>,
     n: Option<u32>,
     aspect_ratio: Option<&'static str>,
     image_size: Option<&'static str>,
@@ -88,6 +92,7 @@ impl LogRecord {
             category,
             model: self.model.as_deref(),
             variant: self.variant.as_deref(),
+            input_images: self.input_images,
             n: self.n,
             aspect_ratio: self.aspect_ratio,
             image_size: self.image_size,
@@ -122,6 +127,7 @@ mod tests {
             error: Some(ErrorCode::QuotaExhausted),
             model: Some("dall-e-3".into()),
             variant: Some("gemini-3-pro-image".into()),
+            input_images: None,
             n: Some(2),
             aspect_ratio: Some("1:1"),
             image_size: None,

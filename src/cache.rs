@@ -24,9 +24,10 @@ pub struct CacheKey {
 }
 
 /// The key of a request: the hash covers everything that changes what Gemini gets (upstream
-/// model, final prompt, ratio, image size, n, each category's threshold), so two requests share
-/// an entry only if Gemini would get identical calls.
-pub fn cache_key(req: &ImageRequest, upstream_model: &str) -> CacheKey {
+/// model, final prompt, ratio, image size, n, each category's threshold, and for edits each
+/// input image and the mask in order, with the text after them), so two requests share an
+/// entry only if Gemini would get identical calls.
+pub fn cache_key(req: &ImageRequest) -> CacheKey {
     let mut h = Sha256::new();
     let mut field = |name: &str, value: &[u8]| {
         h.update(name.as_bytes());
@@ -34,20 +35,30 @@ pub fn cache_key(req: &ImageRequest, upstream_model: &str) -> CacheKey {
         h.update(value);
     };
     field("v", b"1");
-    field("model", upstream_model.as_bytes());
+    field("model", req.upstream.as_bytes());
     field("prompt", req.final_prompt.as_bytes());
-    field("ratio", req.ratio.as_str().as_bytes());
+    field("ratio", req.ratio.map_or("", |r| r.as_str()).as_bytes());
     field("image_size", req.image_size.map_or("", |s| s.as_str()).as_bytes());
     field("n", req.n.to_string().as_bytes());
     for category in crate::safety::HARM_CATEGORIES {
         field(category, req.safety.gemini_threshold().as_bytes());
+    }
+    // Generations add nothing here, so their keys stay what they were.
+    for digest in &req.inputs.images {
+        field("image", digest);
+    }
+    if let Some(mask) = &req.inputs.mask {
+        field("mask", mask);
+    }
+    if let Some(text) = &req.closing_text {
+        field("closing_text", text.as_bytes());
     }
     let digest = h.finalize();
     let mut seed = [0u8; 8];
     seed.copy_from_slice(&digest[..8]);
     let key = format!(
         "img:{}:{}:{}:{}",
-        req.variant.name(),
+        req.variant_name,
         req.quality.map_or("auto", |q| q.as_str()),
         req.style.map_or("none", |s| s.as_str()),
         hex(&digest)
@@ -332,7 +343,7 @@ mod tests {
     }
 
     fn key(v: serde_json::Value) -> String {
-        cache_key(&req(v), "gemini-3-pro-image-preview").key
+        cache_key(&req(v)).key
     }
 
     #[test]
@@ -365,7 +376,18 @@ mod tests {
             assert!(!seen.contains(&k), "{v} shares a key");
             seen.push(k);
         }
-        assert_ne!(k0, cache_key(&req(base.clone()), "another-model").key);
+        let mut other_model = req(base.clone());
+        other_model.upstream = "another-model".into();
+        assert_ne!(k0, cache_key(&other_model).key);
+        // An edit's inputs, in order, and its mask are part of the key.
+        let mut edit = req(base.clone());
+        edit.inputs.images = vec![[1; 32], [2; 32]];
+        let k_edit = cache_key(&edit).key;
+        edit.inputs.images.reverse();
+        assert_ne!(cache_key(&edit).key, k_edit, "order matters");
+        edit.inputs.mask = Some([3; 32]);
+        assert_ne!(cache_key(&edit).key, k_edit);
+        assert!(![k0.clone()].contains(&k_edit));
         // What Gemini does not see does not change the key.
         assert_eq!(k0, key(json!({"prompt": "a cat", "n": 1, "response_format": "url", "user": "u"})));
         assert_eq!(k0, key(json!({"prompt": "a cat", "size": "1024x1024"})));
@@ -431,7 +453,7 @@ mod tests {
     #[test]
     fn l1_lookup_reads_meta_first_and_checks_expiry() {
         use std::cell::RefCell;
-        let k = cache_key(&req(json!({"prompt": "a cat"})), "m");
+        let k = cache_key(&req(json!({"prompt": "a cat"})));
         let slots = l1_slots(&k, 64);
         assert_eq!(slots.len(), 2);
         let (a, b) = (&slots[0], &slots[1]);
@@ -466,7 +488,7 @@ mod tests {
     #[test]
     fn slots_stay_within_max_entries() {
         for i in 0..200 {
-            let k = cache_key(&req(json!({"prompt": format!("p{i}")})), "m");
+            let k = cache_key(&req(json!({"prompt": format!("p{i}")})));
             for slot in l1_slots(&k, 3) {
                 assert!(slot.index < 3);
                 assert_eq!(slot.meta_key, format!("gemini_image.l1.{}.meta", slot.index));

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::geometry::ImageSize;
-use crate::model::ModelVariant;
-use crate::named::Named;
+use crate::model::{Families, Family, ModelVariant, DEFAULT_MODEL};
+use crate::named::{named, Named};
 use crate::safety::SafetyPolicy;
 
 /// The environment variable that sets the platform safety level.
@@ -29,6 +29,7 @@ struct RawConfig {
     safety: RawSafety,
     limits: RawLimits,
     styles: RawStyles,
+    edits: RawEdits,
     cache: Option<RawCache>,
 }
 
@@ -37,7 +38,8 @@ struct RawConfig {
 struct RawGemini {
     cluster: String,
     authority: String,
-    model: String,
+    /// The upstream id of `gemini-3-pro-image` (kept from before families existed).
+    model: Option<String>,
     api_key_env: String,
     timeout_ms: u64,
 }
@@ -47,7 +49,7 @@ impl Default for RawGemini {
         RawGemini {
             cluster: "gemini".into(),
             authority: "generativelanguage.googleapis.com".into(),
-            model: "gemini-3-pro-image-preview".into(),
+            model: None,
             api_key_env: "GEMINI_API_KEY".into(),
             timeout_ms: 180_000,
         }
@@ -58,6 +60,7 @@ impl Default for RawGemini {
 #[serde(deny_unknown_fields, default)]
 struct RawModels {
     aliases: BTreeMap<String, String>,
+    families: BTreeMap<String, RawFamily>,
 }
 
 impl Default for RawModels {
@@ -65,7 +68,36 @@ impl Default for RawModels {
         let mut aliases = BTreeMap::new();
         aliases.insert("dall-e-3".to_string(), "gemini-3-pro-image".to_string());
         aliases.insert("gpt-image-1".to_string(), "gemini-3-pro-image".to_string());
-        RawModels { aliases }
+        RawModels { aliases, families: BTreeMap::new() }
+    }
+}
+
+/// A family in config: a built-in one's keys override its defaults; a new one must give all.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawFamily {
+    upstream: Option<String>,
+    image_sizes: Option<Vec<String>>,
+    max_input_images: Option<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawEdits {
+    mask: String,
+    mask_instruction: String,
+    variation_prompt: String,
+}
+
+impl Default for RawEdits {
+    fn default() -> Self {
+        RawEdits {
+            mask: "instruct".into(),
+            mask_instruction:
+                "Change only the areas that are transparent in the mask image; keep everything else exactly as it is."
+                    .into(),
+            variation_prompt: "Make a new variation of this image with the same subject, composition and style.".into(),
+        }
     }
 }
 
@@ -92,6 +124,8 @@ struct RawLimits {
     max_image_size: String,
     max_inflight_requests: u32,
     max_inflight_bytes: u64,
+    max_upload_bytes: usize,
+    max_input_image_bytes: usize,
 }
 
 impl Default for RawLimits {
@@ -103,6 +137,8 @@ impl Default for RawLimits {
             max_image_size: "4K".into(),
             max_inflight_requests: 64,
             max_inflight_bytes: 256 * MIB,
+            max_upload_bytes: 20 * MIB as usize,
+            max_input_image_bytes: 7 * MIB as usize,
         }
     }
 }
@@ -175,8 +211,6 @@ impl Default for RawL2 {
 pub struct GeminiSettings {
     pub cluster: String,
     pub authority: String,
-    /// The upstream model id every variant maps to.
-    pub model: String,
     /// The key read from the VM environment at configure time; `None` when unset.
     pub api_key: Option<String>,
     pub api_key_env: String,
@@ -193,6 +227,28 @@ pub struct Limits {
     pub max_inflight_requests: u32,
     /// Bytes of Gemini answers one worker may hold for requests in flight.
     pub max_inflight_bytes: u64,
+    /// The largest multipart body of an edit or variation.
+    pub max_upload_bytes: usize,
+    /// The largest input image (or mask) of an edit.
+    pub max_input_image_bytes: usize,
+}
+
+/// What an edit does with a mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskMode {
+    /// Send it after the images, followed by the mask instruction.
+    Instruct,
+    /// Answer 400 naming `mask`.
+    Refuse,
+}
+
+named!(MaskMode { Instruct => "instruct", Refuse => "refuse" });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EditSettings {
+    pub mask: MaskMode,
+    pub mask_instruction: String,
+    pub variation_prompt: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,11 +284,14 @@ pub struct CacheSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub gemini: GeminiSettings,
+    /// The model families, the default model's first.
+    pub families: Families,
     /// Alias name to the variant it stands for (validated).
     pub aliases: BTreeMap<String, ModelVariant>,
     pub safety: SafetyPolicy,
     pub limits: Limits,
     pub styles: Styles,
+    pub edits: EditSettings,
     pub cache: Option<CacheSettings>,
     /// Things worth a warning at start-up that do not stop it (e.g. no API key).
     pub warnings: Vec<String>,
@@ -255,9 +314,9 @@ impl Settings {
             ),
         };
         format!(
-            "cluster {}, model {}, safety {} from {:?}, minimum {}, {}",
+            "cluster {}, models {}, safety {} from {:?}, minimum {}, {}",
             self.gemini.cluster,
-            self.gemini.model,
+            self.families.0.iter().map(|f| format!("{} -> {}", f.name, f.upstream)).collect::<Vec<_>>().join(", "),
             self.safety.default.as_str(),
             self.safety.default_source,
             self.safety.minimum.as_str(),
@@ -313,6 +372,83 @@ fn in_range<T: PartialOrd + std::fmt::Debug + std::fmt::Display>(
     }
 }
 
+/// A Gemini model id as it goes into the path.
+fn model_id(key: &str, v: &str) -> Result<(), ConfigError> {
+    non_empty(key, v)?;
+    if v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+        Ok(())
+    } else {
+        Err(invalid(key, v, "only letters, digits, '-', '.', '_'"))
+    }
+}
+
+/// The built-in families with what config changes or adds. `gemini.model` is the upstream id
+/// of `gemini-3-pro-image` unless the family sets its own (both, differing, is a conflict).
+fn families(raw: BTreeMap<String, RawFamily>, gemini_model: Option<&str>) -> Result<Families, ConfigError> {
+    let mut list = Family::defaults();
+    if let Some(model) = gemini_model {
+        if let Some(pro) = list.iter_mut().find(|f| f.name == DEFAULT_MODEL) {
+            pro.upstream = model.to_string();
+        }
+    }
+    for (name, f) in raw {
+        let key = format!("models.families.{name}");
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+        {
+            return Err(invalid(key, &name, "a name of lower-case letters, digits, '-' and '.'"));
+        }
+        let existing = list.iter().position(|x| x.name == name);
+        if let (Some(i), Some(up), Some(model)) = (existing, &f.upstream, gemini_model) {
+            if list[i].name == DEFAULT_MODEL && up != model {
+                return Err(ConfigError::Conflict(format!(
+                    "gemini.model is {model:?} but {key}.upstream is {up:?}: set one of them"
+                )));
+            }
+        }
+        let image_sizes = match &f.image_sizes {
+            None => None,
+            Some(sizes) => {
+                let mut parsed = Vec::new();
+                for s in sizes {
+                    let size = parse_named::<ImageSize>(&format!("{key}.image_sizes"), s)?;
+                    if !parsed.contains(&size) {
+                        parsed.push(size);
+                    }
+                }
+                parsed.sort();
+                Some(parsed)
+            }
+        };
+        if let Some(up) = &f.upstream {
+            model_id(&format!("{key}.upstream"), up)?;
+        }
+        if let Some(n) = f.max_input_images {
+            in_range(&format!("{key}.max_input_images"), n, 1, 64)?;
+        }
+        match existing {
+            Some(i) => {
+                let family = &mut list[i];
+                family.upstream = f.upstream.unwrap_or_else(|| family.upstream.clone());
+                family.image_sizes = image_sizes.unwrap_or_else(|| family.image_sizes.clone());
+                family.max_input_images = f.max_input_images.unwrap_or(family.max_input_images);
+            }
+            None => {
+                let (Some(upstream), Some(image_sizes), Some(max_input_images)) =
+                    (f.upstream, image_sizes, f.max_input_images)
+                else {
+                    return Err(invalid(
+                        key,
+                        "incomplete",
+                        "upstream, image_sizes and max_input_images for a new family",
+                    ));
+                };
+                list.push(Family { name, upstream, image_sizes, max_input_images });
+            }
+        }
+    }
+    Ok(Families(list))
+}
+
 /// `v` at least `lo`.
 fn at_least<T: PartialOrd + std::fmt::Debug + std::fmt::Display>(key: &str, v: T, lo: T) -> Result<T, ConfigError> {
     if v < lo {
@@ -349,10 +485,9 @@ impl Settings {
         let g = raw.gemini;
         non_empty("gemini.cluster", &g.cluster)?;
         non_empty("gemini.authority", &g.authority)?;
-        non_empty("gemini.model", &g.model)?;
         non_empty("gemini.api_key_env", &g.api_key_env)?;
-        if !g.model.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
-            return Err(invalid("gemini.model", &g.model, "only letters, digits, '-', '.', '_'"));
+        if let Some(model) = &g.model {
+            model_id("gemini.model", model)?;
         }
         in_range("gemini.timeout_ms", g.timeout_ms, 1, 3_600_000)?;
         let api_key = env(&g.api_key_env).filter(|k| !k.trim().is_empty());
@@ -363,11 +498,16 @@ impl Settings {
             ));
         }
 
+        let families = families(raw.models.families, g.model.as_deref())?;
         let mut aliases = BTreeMap::new();
         for (alias, target) in raw.models.aliases {
             non_empty("models.aliases key", &alias)?;
-            let v = ModelVariant::parse(&target).ok_or_else(|| {
-                invalid(format!("models.aliases.{alias}"), &target, "gemini-3-pro-image or one of its variants")
+            let v = families.parse(&target).ok_or_else(|| {
+                invalid(
+                    format!("models.aliases.{alias}"),
+                    &target,
+                    format!("a model of a family ({}) or one of its variants", families.names()),
+                )
             })?;
             aliases.insert(alias, v);
         }
@@ -388,6 +528,8 @@ impl Settings {
         at_least("limits.max_body_bytes", l.max_body_bytes, 64)?;
         let max_image_size = parse_named::<ImageSize>("limits.max_image_size", &l.max_image_size)?;
         in_range("limits.max_inflight_requests", l.max_inflight_requests, 1, 100_000)?;
+        at_least("limits.max_upload_bytes", l.max_upload_bytes, 1024)?;
+        in_range("limits.max_input_image_bytes", l.max_input_image_bytes, 64, l.max_upload_bytes)?;
         in_range("limits.max_inflight_bytes", l.max_inflight_bytes, MIB, MAX_INFLIGHT_BYTES_CEILING)?;
 
         let cache = match raw.cache {
@@ -429,7 +571,6 @@ impl Settings {
             gemini: GeminiSettings {
                 cluster: g.cluster,
                 authority: g.authority,
-                model: g.model,
                 api_key,
                 api_key_env: g.api_key_env,
                 timeout_ms: g.timeout_ms,
@@ -443,8 +584,19 @@ impl Settings {
                 max_image_size,
                 max_inflight_requests: l.max_inflight_requests,
                 max_inflight_bytes: l.max_inflight_bytes,
+                max_upload_bytes: l.max_upload_bytes,
+                max_input_image_bytes: l.max_input_image_bytes,
             },
             styles: Styles { vivid: raw.styles.vivid, natural: raw.styles.natural },
+            edits: EditSettings {
+                mask: parse_named("edits.mask", &raw.edits.mask)?,
+                mask_instruction: raw.edits.mask_instruction,
+                variation_prompt: {
+                    non_empty("edits.variation_prompt", &raw.edits.variation_prompt)?;
+                    raw.edits.variation_prompt
+                },
+            },
+            families,
             cache,
             warnings,
         })
@@ -454,6 +606,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::geometry::ImageSize;
     use crate::safety::{SafetyLevel, SafetySource};
 
     fn no_env(_: &str) -> Option<String> {
@@ -465,7 +618,10 @@ mod tests {
         let s = Settings::from_json(b"", &no_env).unwrap();
         assert_eq!(s.gemini.cluster, "gemini");
         assert_eq!(s.gemini.authority, "generativelanguage.googleapis.com");
-        assert_eq!(s.gemini.model, "gemini-3-pro-image-preview");
+        assert_eq!(s.families, Families(Family::defaults()));
+        assert_eq!(s.families.0[0].upstream, "gemini-3-pro-image-preview");
+        assert_eq!(s.edits.mask, MaskMode::Instruct);
+        assert_eq!((s.limits.max_upload_bytes, s.limits.max_input_image_bytes), (20_971_520, 7_340_032));
         assert_eq!(s.gemini.timeout_ms, 180_000);
         assert_eq!(
             s.limits,
@@ -476,6 +632,8 @@ mod tests {
                 max_image_size: ImageSize::K4,
                 max_inflight_requests: 64,
                 max_inflight_bytes: 268_435_456,
+                max_upload_bytes: 20_971_520,
+                max_input_image_bytes: 7_340_032,
             }
         );
         assert_eq!(s.safety.default, SafetyLevel::Off);
@@ -546,6 +704,41 @@ mod tests {
             let e = Settings::from_json(json, &no_env).unwrap_err().to_string();
             assert!(e.contains(needle), "{e:?} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn families_are_built_in_changed_or_added_in_config() {
+        let s = Settings::from_json(
+            br#"{"gemini": {"model": "pro-002"},
+                 "models": {"families": {
+                    "gemini-2.5-flash-image": {"max_input_images": 2},
+                    "gemini-4-image": {"upstream": "gemini-4-image-preview", "image_sizes": ["1k", "4K", "1K"], "max_input_images": 8}},
+                  "aliases": {"house-style": "gemini-4-image-4k-16x9"}}}"#,
+            &no_env,
+        )
+        .unwrap();
+        let f = &s.families;
+        assert_eq!(f.0[0].upstream, "pro-002", "gemini.model still names gemini-3-pro-image's upstream");
+        assert_eq!((f.0[1].upstream.as_str(), f.0[1].max_input_images), ("gemini-2.5-flash-image", 2));
+        assert_eq!(f.0[2].image_sizes, vec![ImageSize::K1, ImageSize::K4], "deduplicated and ordered");
+        let alias = s.aliases["house-style"];
+        assert_eq!(f.name(alias), "gemini-4-image-4k-16x9");
+        let bad: [(&[u8], &str); 5] = [
+            (br#"{"models": {"families": {"x": {"upstream": "u"}}}}"#, "models.families.x"),
+            (br#"{"models": {"families": {"Bad Name": {}}}}"#, "Bad Name"),
+            (br#"{"models": {"families": {"gemini-3-pro-image": {"image_sizes": ["8K"]}}}}"#, "8K"),
+            (br#"{"models": {"families": {"gemini-3-pro-image": {"colour": 1}}}}"#, "colour"),
+            (
+                br#"{"gemini": {"model": "a"}, "models": {"families": {"gemini-3-pro-image": {"upstream": "b"}}}}"#,
+                "set one of them",
+            ),
+        ];
+        for (json, needle) in bad {
+            let e = Settings::from_json(json, &no_env).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e:?} should mention {needle}");
+        }
+        let e = Settings::from_json(br#"{"edits": {"mask": "maybe"}}"#, &no_env).unwrap_err().to_string();
+        assert!(e.contains("edits.mask") && e.contains("instruct, refuse"), "{e}");
     }
 
     #[test]

@@ -178,6 +178,11 @@ impl WorkerDriver {
         }
     }
 
+    /// The configuration in force, once one was accepted.
+    pub fn settings(&self) -> Option<&Rc<Settings>> {
+        self.settings.as_ref()
+    }
+
     /// A driver for a new HTTP stream; `None` before a configuration was accepted.
     pub fn new_stream(&self) -> Option<StreamDriver> {
         Some(StreamDriver::new(self.settings.clone()?, self.worker.clone()))

@@ -6,15 +6,19 @@ use crate::named::{named, Named};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Generations,
+    Edits,
+    Variations,
 }
 
 // The name the log line's `endpoint` field carries.
-named!(Endpoint { Generations => "generations" });
+named!(Endpoint { Generations => "generations", Edits => "edits", Variations => "variations" });
 
 impl Endpoint {
     pub fn path(self) -> &'static str {
         match self {
             Endpoint::Generations => "/v1/images/generations",
+            Endpoint::Edits => "/v1/images/edits",
+            Endpoint::Variations => "/v1/images/variations",
         }
     }
 
@@ -51,6 +55,8 @@ mod tests {
         ] {
             assert_eq!(Endpoint::for_path(path), Some(g), "{path}");
         }
+        assert_eq!(Endpoint::for_path("/v1/images/edits"), Some(Endpoint::Edits));
+        assert_eq!(Endpoint::for_path("/v1/images/variations/"), Some(Endpoint::Variations));
         for path in [
             "/v1/images/generations//",
             "/v1/images/generations/x",
@@ -58,7 +64,7 @@ mod tests {
             "/v1/images/generation",
             "/v1/images/generationsx",
             "v1/images/generations",
-            "/v1/images/edits",
+            "/v1/images/edit",
             "/v1/images",
             "/",
             "",

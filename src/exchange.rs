@@ -9,6 +9,7 @@ use std::rc::Rc;
 use crate::access_log::{LogLevel, LogRecord};
 use crate::cache::{self, CacheKey, L1Read, StorePlan};
 use crate::config::Settings;
+use crate::edit;
 use crate::endpoint::Endpoint;
 use crate::error::{ApiError, Category, ErrorCode};
 use crate::gemini::{self, CallOutcome, CallResponse, GeminiImage, Usage};
@@ -16,7 +17,7 @@ use crate::geometry::ImageSize;
 use crate::hot::HotEntry;
 use crate::metrics::{CacheState, CacheTier, Counter, Histogram, Outcome};
 use crate::openai::{self, ImageView};
-use crate::request::{self, ImageRequest, ResponseFormat};
+use crate::request::{self, ImageRequest, Rejection, ResponseFormat};
 use crate::safety::SafetyLevel;
 
 /// What the filter keeps of the request headers (they cannot be read after the headers phase).
@@ -158,6 +159,9 @@ impl Phase {
 /// A valid request and what the cache does for it.
 struct Planned {
     req: ImageRequest,
+    /// The body of each Gemini call, built once while the request body was at hand (an
+    /// edit's images are encoded into it) and shared by the `n` calls.
+    gemini_body: Rc<Vec<u8>>,
     cache: CachePlan,
 }
 
@@ -269,7 +273,7 @@ impl Exchange {
     /// Headers seen: a declared body over the limit is refused before it is read.
     pub fn on_headers(&mut self, now_ms: u64) -> Vec<Effect> {
         match self.head.content_length {
-            Some(len) if len > self.settings.limits.max_body_bytes as u64 => self.too_large(now_ms),
+            Some(len) if len > self.body_limit() as u64 => self.too_large(now_ms),
             _ => Vec::new(),
         }
     }
@@ -294,7 +298,7 @@ impl Exchange {
     /// Part of the body arrived; `buffered` bytes so far.
     pub fn on_body_progress(&mut self, buffered: usize, now_ms: u64) -> Vec<Effect> {
         match self.phase {
-            Phase::Receiving if buffered > self.settings.limits.max_body_bytes => self.too_large(now_ms),
+            Phase::Receiving if buffered > self.body_limit() => self.too_large(now_ms),
             _ => Vec::new(),
         }
     }
@@ -302,7 +306,7 @@ impl Exchange {
     fn too_large(&mut self, now_ms: u64) -> Vec<Effect> {
         let e = ApiError::new(
             ErrorCode::PayloadTooLarge,
-            format!("request body is over this gateway's limit of {} bytes", self.settings.limits.max_body_bytes),
+            format!("request body is over this gateway's limit of {} bytes", self.body_limit()),
         );
         self.fail(e, now_ms)
     }
@@ -312,18 +316,10 @@ impl Exchange {
         if !matches!(self.phase, Phase::Receiving) {
             return Vec::new();
         }
-        if body.len() > self.settings.limits.max_body_bytes {
+        if body.len() > self.body_limit() {
             return self.too_large(now_ms);
         }
-        if !is_json(self.head.content_type.as_deref()) {
-            let got = self.head.content_type.as_deref().unwrap_or("none");
-            let e = ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("content-type must be application/json, got {:?}", got.chars().take(64).collect::<String>()),
-            );
-            return self.fail(e, now_ms);
-        }
-        let req = match request::parse_request(body, &self.settings) {
+        let (req, gemini_body) = match self.read_request(body) {
             Ok(r) => r,
             Err(rejection) => {
                 self.known =
@@ -337,7 +333,7 @@ impl Exchange {
             safety: Some(req.safety),
         };
         let cache = self.plan_cache(&req);
-        let planned = Box::new(Planned { req, cache });
+        let planned = Box::new(Planned { req, gemini_body: Rc::new(gemini_body), cache });
         match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
             (Some(key), Some(l1)) if planned.cache.lookup => {
                 let effect = Effect::LookupL1 {
@@ -352,16 +348,51 @@ impl Exchange {
         }
     }
 
+    /// The largest body this endpoint takes.
+    fn body_limit(&self) -> usize {
+        match self.endpoint {
+            Endpoint::Generations => self.settings.limits.max_body_bytes,
+            Endpoint::Edits | Endpoint::Variations => self.settings.limits.max_upload_bytes,
+        }
+    }
+
+    /// The request, and the body of its Gemini calls.
+    fn read_request(&self, body: &[u8]) -> Result<(ImageRequest, Vec<u8>), Rejection> {
+        let content_type = self.head.content_type.as_deref();
+        match self.endpoint {
+            Endpoint::Generations => {
+                if !is_json(content_type) {
+                    let got: String = content_type.unwrap_or("none").chars().take(64).collect();
+                    let e = ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("content-type must be application/json, got {got:?}"),
+                    );
+                    return Err(Rejection { error: e, ..Rejection::new() });
+                }
+                let req = request::parse_request(body, &self.settings)?;
+                let spec = gemini::CallSpec {
+                    prompt: &req.final_prompt,
+                    ratio: req.ratio,
+                    image_size: req.image_size,
+                    safety: req.safety,
+                    images: &[],
+                    closing_text: None,
+                };
+                let gemini_body = gemini::request_body(&spec);
+                Ok((req, gemini_body))
+            }
+            Endpoint::Edits | Endpoint::Variations => {
+                edit::read_edit(body, content_type, &self.settings, self.endpoint)
+            }
+        }
+    }
+
     fn plan_cache(&self, req: &ImageRequest) -> CachePlan {
         if self.settings.cache.is_none() || self.cache_state == CacheState::Bypass {
             return CachePlan::default();
         }
         let cc = self.head.cache_control.as_deref().unwrap_or("");
-        CachePlan {
-            key: Some(cache::cache_key(req, &self.settings.gemini.model)),
-            lookup: !has_directive(cc, "no-cache"),
-            l1_plan: None,
-        }
+        CachePlan { key: Some(cache::cache_key(req)), lookup: !has_directive(cc, "no-cache"), l1_plan: None }
     }
 
     /// L1 answered (the host looked the key up in shared data).
@@ -454,7 +485,10 @@ impl Exchange {
             let looked = planned.cache.key.is_some();
             effects.push(Effect::Count(if looked { Counter::CacheMisses } else { Counter::CacheBypass }, 1));
         }
-        let bytes = u64::from(planned.req.n).saturating_mul(answer_estimate(planned.req.image_size));
+        // The answers it expects, and the call body it holds (an edit's images, encoded).
+        let bytes = u64::from(planned.req.n)
+            .saturating_mul(answer_estimate(planned.req.image_size))
+            .saturating_add(planned.gemini_body.len() as u64);
         self.phase = Phase::Admitting(planned);
         effects.push(Effect::Admit { bytes });
         effects
@@ -480,7 +514,7 @@ impl Exchange {
         let req = &planned.req;
         let mut headers = vec![
             (":method".to_string(), "POST".to_string()),
-            (":path".to_string(), gemini::generate_content_path(&g.model)),
+            (":path".to_string(), gemini::generate_content_path(&req.upstream)),
             (":authority".to_string(), g.authority.clone()),
             ("content-type".to_string(), "application/json".to_string()),
             ("x-goog-api-client".to_string(), concat!("gemini-image-filter/", env!("CARGO_PKG_VERSION")).to_string()),
@@ -491,7 +525,7 @@ impl Exchange {
         let call = HttpCall {
             cluster: g.cluster.clone(),
             headers,
-            body: Rc::new(gemini::request_body(&req.final_prompt, req.ratio, req.image_size, req.safety)),
+            body: planned.gemini_body.clone(),
             timeout_ms: g.timeout_ms,
         };
         let count = req.n;
@@ -777,7 +811,7 @@ impl Exchange {
             Effect::Observe(Histogram::RequestLatencyMs, latency),
         ];
         if let Some(p) = ending.planned {
-            effects.push(Effect::Count(Counter::ModelRequests(p.req.variant.name()), 1));
+            effects.push(Effect::Count(Counter::ModelRequests(p.req.variant_name.clone()), 1));
             effects.push(Effect::Count(Counter::SafetyApplied(p.req.safety), 1));
         }
         if let Some(calls) = ending.calls {
@@ -808,9 +842,10 @@ impl Exchange {
             status: ending.status,
             error: ending.error,
             model: self.known.model.clone(),
-            variant: req.map(|r| r.variant.name()),
+            variant: req.map(|r| r.variant_name.clone()),
+            input_images: req.filter(|_| self.endpoint != Endpoint::Generations).map(|r| r.inputs.images.len() as u32),
             n: req.map(|r| r.n),
-            aspect_ratio: req.map(|r| r.ratio.as_str()),
+            aspect_ratio: req.and_then(|r| r.ratio).map(|r| r.as_str()),
             image_size: req.and_then(|r| r.image_size).map(|s| s.as_str()),
             quality: req.and_then(|r| r.quality).map(|q| q.as_str()),
             style: req.and_then(|r| r.style).map(|s| s.as_str()),

@@ -15,25 +15,72 @@ pub fn generate_content_path(model: &str) -> String {
     format!("/v1beta/models/{model}:generateContent")
 }
 
-/// The JSON body of one call (`candidateCount` 1; the filter makes `n` such calls).
-pub fn request_body(prompt: &str, ratio: AspectRatio, image_size: Option<ImageSize>, safety: SafetyLevel) -> Vec<u8> {
+/// An image sent to Gemini as an `inlineData` part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InlineImage<'a> {
+    pub mime_type: &'a str,
+    pub bytes: &'a [u8],
+}
+
+/// What one call asks for (`candidateCount` 1; the filter makes `n` such calls).
+#[derive(Clone, Copy, Debug)]
+pub struct CallSpec<'a> {
+    pub prompt: &'a str,
+    /// `None`: no `aspectRatio` is sent (an edit keeps its input's ratio).
+    pub ratio: Option<AspectRatio>,
+    pub image_size: Option<ImageSize>,
+    pub safety: SafetyLevel,
+    /// Input images, in order, after the prompt.
+    pub images: &'a [InlineImage<'a>],
+    /// Text after the images (the mask instruction).
+    pub closing_text: Option<&'a str>,
+}
+
+/// The JSON body of one call. Written into one buffer, with each image base64-encoded in
+/// place: an edit of 20 MB is encoded once, and the `n` calls share the result.
+pub fn request_body(spec: &CallSpec) -> Vec<u8> {
+    let images: usize = spec.images.iter().map(|i| crate::base64::encoded_len(i.bytes.len()) + 64).sum();
+    let mut out = Vec::with_capacity(images + spec.prompt.len() + 512);
+    out.extend_from_slice(br#"{"contents":[{"role":"user","parts":[{"text":"#);
+    push_json(&mut out, &json!(spec.prompt));
+    out.push(b'}');
+    for image in spec.images {
+        out.extend_from_slice(br#",{"inlineData":{"mimeType":"#);
+        push_json(&mut out, &json!(image.mime_type));
+        out.extend_from_slice(br#","data":""#);
+        crate::base64::encode_into(&mut out, image.bytes);
+        out.extend_from_slice(br#""}}"#);
+    }
+    if let Some(text) = spec.closing_text {
+        out.extend_from_slice(br#",{"text":"#);
+        push_json(&mut out, &json!(text));
+        out.push(b'}');
+    }
     let mut image_config = serde_json::Map::new();
-    image_config.insert("aspectRatio".into(), json!(ratio.as_str()));
-    if let Some(s) = image_size {
+    if let Some(r) = spec.ratio {
+        image_config.insert("aspectRatio".into(), json!(r.as_str()));
+    }
+    if let Some(s) = spec.image_size {
         image_config.insert("imageSize".into(), json!(s.as_str()));
     }
     let safety_settings: Vec<_> =
-        HARM_CATEGORIES.iter().map(|c| json!({"category": c, "threshold": safety.gemini_threshold()})).collect();
-    let body = json!({
-        "contents": [{"role": "user", "parts": [{"text": prompt}]}],
-        "generationConfig": {
-            "candidateCount": 1,
-            "responseModalities": ["TEXT", "IMAGE"],
-            "imageConfig": image_config,
-        },
-        "safetySettings": safety_settings,
+        HARM_CATEGORIES.iter().map(|c| json!({"category": c, "threshold": spec.safety.gemini_threshold()})).collect();
+    let rest = json!({
+        "candidateCount": 1,
+        "responseModalities": ["TEXT", "IMAGE"],
+        "imageConfig": image_config,
     });
-    body.to_string().into_bytes()
+    out.extend_from_slice(br#"]}],"generationConfig":"#);
+    push_json(&mut out, &rest);
+    out.extend_from_slice(br#","safetySettings":"#);
+    push_json(&mut out, &json!(safety_settings));
+    out.push(b'}');
+    out
+}
+
+fn push_json(out: &mut Vec<u8>, v: &serde_json::Value) {
+    // Writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, v);
 }
 
 /// Token counts, as OpenAI names them.
@@ -196,22 +243,7 @@ fn is_block_finish(reason: &str) -> bool {
         || reason.starts_with("IMAGE_")
 }
 
-/// Whether `b` is standard padded base64. Branch-free per byte, so the compiler can keep it
-/// fast on multi-megabyte images (it runs on every image Gemini or L2 returns).
-pub fn is_base64(b: &[u8]) -> bool {
-    if b.is_empty() || !b.len().is_multiple_of(4) {
-        return false;
-    }
-    let pad = b.iter().rev().take(2).take_while(|c| **c == b'=').count();
-    let body = &b[..b.len() - pad];
-    body.chunks(8192).all(|chunk| chunk.iter().fold(0u8, |bad, &c| bad | u8::from(!is_base64_char(c))) == 0)
-}
-
-#[inline(always)]
-fn is_base64_char(c: u8) -> bool {
-    let lower = c | 0x20; // folds A-Z onto a-z; nothing else lands in a-z
-    (lower.wrapping_sub(b'a') < 26) | (c.wrapping_sub(b'0') < 10) | (c == b'+') | (c == b'/')
-}
+pub use crate::base64::is_base64;
 
 /// Gemini messages quoted to the client are cut to this many characters.
 const GEMINI_MESSAGE_CHARS: usize = 300;
@@ -423,11 +455,19 @@ fn read_failure(status: u32, content_type: Option<&str>, body: &[u8]) -> ApiErro
         return ApiError::new(ErrorCode::ServiceUnavailable, "Gemini is temporarily unavailable; retry later");
     }
     if status == 400 && error.status == "INVALID_ARGUMENT" {
-        return ApiError::param(
-            ErrorCode::InvalidPrompt,
-            "prompt",
-            format!("Gemini refused the request: {}", cut(&error.message)),
-        );
+        // About an input image (an edit's): a field violation on inline data, or a message
+        // that names the image. Else about the prompt.
+        let about_image = error.message.to_ascii_lowercase().contains("image")
+            || error
+                .details
+                .iter()
+                .any(|d| d.to_string().contains("inline_data") || d.to_string().contains("inlineData"));
+        let message = format!("Gemini refused the request: {}", cut(&error.message));
+        return if about_image {
+            ApiError::param(ErrorCode::InvalidRequest, "image", message)
+        } else {
+            ApiError::param(ErrorCode::InvalidPrompt, "prompt", message)
+        };
     }
     let named = if error.status.is_empty() { String::new() } else { format!(" {}", cut(&error.status)) };
     ApiError::new(ErrorCode::UpstreamError, format!("Gemini answered {status}{named}"))
@@ -494,9 +534,17 @@ mod tests {
 
     #[test]
     fn the_request_body_carries_every_setting() {
-        let b = request_body("a cat", AspectRatio::R16x9, Some(ImageSize::K2), SafetyLevel::Medium);
+        let spec = |prompt, ratio, image_size, safety| CallSpec {
+            prompt,
+            ratio,
+            image_size,
+            safety,
+            images: &[],
+            closing_text: None,
+        };
+        let b = request_body(&spec("a \"cat\"", Some(AspectRatio::R16x9), Some(ImageSize::K2), SafetyLevel::Medium));
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["contents"][0]["parts"][0]["text"], "a cat");
+        assert_eq!(v["contents"][0]["parts"][0]["text"], "a \"cat\"");
         assert_eq!(v["generationConfig"]["candidateCount"], 1);
         assert_eq!(v["generationConfig"]["responseModalities"], json!(["TEXT", "IMAGE"]));
         assert_eq!(v["generationConfig"]["imageConfig"], json!({"aspectRatio": "16:9", "imageSize": "2K"}));
@@ -504,9 +552,32 @@ mod tests {
             v["safetySettings"].as_array().unwrap().iter().map(|s| s["category"].as_str().unwrap()).collect();
         assert_eq!(cats, HARM_CATEGORIES);
         assert!(v["safetySettings"].as_array().unwrap().iter().all(|s| s["threshold"] == "BLOCK_MEDIUM_AND_ABOVE"));
-        let b = request_body("x", AspectRatio::R1x1, None, SafetyLevel::Off);
+        let b = request_body(&spec("x", Some(AspectRatio::R1x1), None, SafetyLevel::Off));
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["generationConfig"]["imageConfig"], json!({"aspectRatio": "1:1"}));
+        let b = request_body(&spec("x", None, None, SafetyLevel::Off));
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["generationConfig"]["imageConfig"], json!({}), "an edit that names no ratio sends none");
+        // Images go after the prompt, in order, encoded in place; closing text after them.
+        let images = [
+            InlineImage { mime_type: "image/png", bytes: b"\x89PNG" },
+            InlineImage { mime_type: "image/jpeg", bytes: b"\xff\xd8\xff" },
+        ];
+        let b = request_body(&CallSpec {
+            images: &images,
+            closing_text: Some("mask!"),
+            ..spec("edit", None, None, SafetyLevel::Off)
+        });
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            v["contents"][0]["parts"],
+            json!([
+                {"text": "edit"},
+                {"inlineData": {"mimeType": "image/png", "data": "iVBORw=="}},
+                {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/"}},
+                {"text": "mask!"}
+            ])
+        );
         assert_eq!(
             generate_content_path("gemini-3-pro-image-preview"),
             "/v1beta/models/gemini-3-pro-image-preview:generateContent"
@@ -625,6 +696,18 @@ mod tests {
         assert_eq!(bad_key.code, ErrorCode::UpstreamAuth);
         let prompt = failed(400, j, r#"{"error":{"code":400,"message":"prompt is bad","status":"INVALID_ARGUMENT"}}"#);
         assert_eq!((prompt.code, prompt.param), (ErrorCode::InvalidPrompt, Some("prompt")));
+        let image = failed(
+            400,
+            j,
+            r#"{"error":{"code":400,"message":"Provided image is not valid.","status":"INVALID_ARGUMENT"}}"#,
+        );
+        assert_eq!((image.code, image.param), (ErrorCode::InvalidRequest, Some("image")));
+        let field = failed(
+            400,
+            j,
+            r#"{"error":{"code":400,"message":"Invalid value","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"contents[0].parts[1].inline_data.data"}]}]}}"#,
+        );
+        assert_eq!(field.param, Some("image"));
         assert_eq!(
             failed(500, j, r#"{"error":{"code":500,"message":"x","status":"INTERNAL"}}"#).code,
             ErrorCode::UpstreamError

@@ -6,9 +6,11 @@
 //! core's effects into host calls.
 
 pub mod access_log;
+pub mod base64;
 pub mod cache;
 pub mod config;
 pub mod driver;
+pub mod edit;
 pub mod endpoint;
 pub mod error;
 pub mod exchange;
@@ -19,6 +21,7 @@ pub mod hot;
 pub mod image_type;
 pub mod metrics;
 pub mod model;
+pub mod multipart;
 pub mod named;
 pub mod openai;
 pub mod request;

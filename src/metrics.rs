@@ -3,7 +3,7 @@
 //! label (`gemini_image_errors{code="IMG_QUOTA_EXHAUSTED"}`); see docs/observability.md.
 
 use crate::error::ErrorCode;
-use crate::model::ModelVariant;
+use crate::model::Families;
 use crate::named::{named, Named};
 use crate::safety::SafetyLevel;
 
@@ -116,10 +116,10 @@ impl Counter {
     }
 
     /// Every counter, defined up front so that dashboards see zeros rather than gaps.
-    pub fn all() -> Vec<Counter> {
+    pub fn all(families: &Families) -> Vec<Counter> {
         let levels = [SafetyLevel::Off, SafetyLevel::Low, SafetyLevel::Medium, SafetyLevel::High];
         let mut all: Vec<Counter> = Outcome::ALL.iter().copied().map(Counter::Requests).collect();
-        all.extend(ModelVariant::all_names().into_iter().map(Counter::ModelRequests));
+        all.extend(families.all_names().into_iter().map(Counter::ModelRequests));
         all.push(Counter::Images);
         all.push(Counter::UpstreamCalls);
         all.extend(ErrorCode::ALL.iter().copied().map(Counter::Errors));
@@ -166,13 +166,15 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_end_in_their_label() {
-        let names: Vec<String> = Counter::all().iter().map(Counter::name).collect();
+        let families = crate::model::Families(crate::model::Family::defaults());
+        let names: Vec<String> = Counter::all(&families).iter().map(Counter::name).collect();
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         assert!(names.contains(&"gemini_image.errors.code.IMG_QUOTA_EXHAUSTED".to_string()));
         assert!(names.contains(&"gemini_image.model_requests.model.gemini-3-pro-image-4k-16x9".to_string()));
+        assert!(names.contains(&"gemini_image.model_requests.model.gemini-2.5-flash-image-9x16".to_string()));
         assert!(names.contains(&"gemini_image.requests.outcome.success".to_string()));
         assert!(names.iter().all(|n| n.starts_with("gemini_image.")));
     }

@@ -7,10 +7,11 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::Settings;
+use crate::endpoint::Endpoint;
 use crate::error::{ApiError, ErrorCode};
 use crate::geometry::{AspectRatio, ImageSize, Quality};
 use crate::hash::prompt_hash;
-use crate::model::{ModelVariant, BASE_MODEL};
+use crate::model::{ModelVariant, DEFAULT_MODEL};
 use crate::named::{named, Named};
 use crate::safety::SafetyLevel;
 
@@ -38,6 +39,15 @@ enum OutputFormat {
 
 named!(OutputFormat { Png => "png" });
 
+/// An edit's `input_fidelity`: accepted, no effect on Gemini.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InputFidelity {
+    Low,
+    High,
+}
+
+named!(InputFidelity { Low => "low", High => "high" });
+
 /// `background`: `transparent` is refused with its own message before this is parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Background {
@@ -57,13 +67,30 @@ pub struct ImageRequest {
     /// The model name the client sent (or the default).
     pub model: String,
     pub variant: ModelVariant,
+    /// The variant's canonical name (logs, metrics, the cache key).
+    pub variant_name: String,
+    /// The model id in Gemini's path.
+    pub upstream: String,
     pub n: u32,
-    pub ratio: AspectRatio,
+    /// `None` only for edits that name no ratio: Gemini keeps the input's.
+    pub ratio: Option<AspectRatio>,
     pub image_size: Option<ImageSize>,
     pub quality: Option<Quality>,
     pub style: Option<Style>,
     pub response_format: ResponseFormat,
     pub safety: SafetyLevel,
+    /// An edit's input images and mask, by digest (empty for generations).
+    pub inputs: InputDigests,
+    /// Text sent after the input images: the mask instruction, when a mask is sent.
+    pub closing_text: Option<String>,
+}
+
+/// SHA-256 of each input image, in order, and of the mask: what the cache key covers of an
+/// edit's inputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InputDigests {
+    pub images: Vec<[u8; 32]>,
+    pub mask: Option<[u8; 32]>,
 }
 
 /// A refused request, with what was learned before the refusal (for headers and the log).
@@ -123,17 +150,30 @@ fn named_field<T: Named>(obj: &Map<String, Value>, name: &'static str, any_case:
     }
 }
 
+/// A generations request: a JSON body.
 pub fn parse_request(body: &[u8], settings: &Settings) -> Result<ImageRequest, Rejection> {
-    let mut known =
-        Rejection { error: ApiError::new(ErrorCode::InternalError, ""), prompt_hash: None, model: None, safety: None };
-    match parse_into(body, settings, &mut known) {
+    let mut known = Rejection::new();
+    match read_object(body).and_then(|obj| parse_fields(&obj, settings, Endpoint::Generations, &mut known)) {
         Ok(r) => Ok(r),
         Err(error) => Err(Rejection { error, ..known }),
     }
 }
 
+impl Rejection {
+    /// Nothing known yet.
+    pub fn new() -> Rejection {
+        Rejection { error: ApiError::new(ErrorCode::InternalError, ""), prompt_hash: None, model: None, safety: None }
+    }
+}
+
+impl Default for Rejection {
+    fn default() -> Self {
+        Rejection::new()
+    }
+}
+
 /// The request fields this gateway reads; any other is ignored, whatever it holds.
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 17] = [
     "prompt",
     "model",
     "n",
@@ -150,7 +190,13 @@ const FIELDS: [&str; 16] = [
     "safety_threshold",
     "image_size",
     "aspect_ratio",
+    "input_fidelity",
 ];
+
+/// The name of a request field this gateway reads, as a `param` can carry it.
+pub fn field_name(name: &str) -> Option<&'static str> {
+    FIELDS.iter().copied().find(|f| *f == name)
+}
 
 /// The body as an object of the fields this gateway reads. JSON that is not well-formed is
 /// "not valid JSON"; a field whose value is valid JSON but cannot be held (RFC 8259 sets no
@@ -164,7 +210,7 @@ fn read_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     })?;
     let mut obj = Map::new();
     for (name, value) in raw {
-        let Some(field) = FIELDS.iter().copied().find(|f| *f == name) else { continue };
+        let Some(field) = field_name(&name) else { continue };
         let value: Value = serde_json::from_str(value.get()).map_err(|_| {
             let code = if field == "prompt" { ErrorCode::InvalidPrompt } else { ErrorCode::InvalidRequest };
             ApiError::param(code, field, format!("{field} holds a number out of range or nesting too deep to read"))
@@ -174,14 +220,21 @@ fn read_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     Ok(obj)
 }
 
-fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result<ImageRequest, ApiError> {
-    let obj = read_object(body)?;
-
-    // prompt
-    let prompt = match field(&obj, "prompt") {
-        None => return Err(ApiError::param(ErrorCode::InvalidPrompt, "prompt", "prompt is required")),
-        Some(Value::String(s)) => s.as_str(),
-        Some(v) => {
+/// The fields of a request (a JSON body's, or an edit's text parts as JSON values), for an
+/// endpoint: validated and resolved against the configuration. `known` keeps what was learned
+/// before a refusal.
+pub fn parse_fields(
+    obj: &Map<String, Value>,
+    settings: &Settings,
+    endpoint: Endpoint,
+    known: &mut Rejection,
+) -> Result<ImageRequest, ApiError> {
+    // prompt (a variation's is the configured one)
+    let prompt = match (endpoint, field(obj, "prompt")) {
+        (Endpoint::Variations, _) => settings.edits.variation_prompt.as_str(),
+        (_, None) => return Err(ApiError::param(ErrorCode::InvalidPrompt, "prompt", "prompt is required")),
+        (_, Some(Value::String(s))) => s.as_str(),
+        (_, Some(v)) => {
             return Err(ApiError::param(
                 ErrorCode::InvalidPrompt,
                 "prompt",
@@ -203,14 +256,14 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     }
 
     // safety first among the rest, so that every later refusal can say which level applied
-    let requested = named_field::<SafetyLevel>(&obj, "safety_threshold", true)?;
+    let requested = named_field::<SafetyLevel>(obj, "safety_threshold", true)?;
     let safety =
         settings.safety.resolve(requested).map_err(|refusal| invalid("safety_threshold", refusal.message()))?;
     known.safety = Some(safety);
 
     // model
-    let model = match field(&obj, "model") {
-        None => BASE_MODEL,
+    let model = match field(obj, "model") {
+        None => DEFAULT_MODEL,
         Some(Value::String(s)) => s.as_str(),
         Some(v) => {
             return Err(ApiError::param(
@@ -222,20 +275,29 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     };
     // The log carries the model name; a refused one is client text, so it is cut short.
     known.model = Some(model.chars().take(QUOTE_CHARS).collect());
-    let variant = settings.aliases.get(model).copied().or_else(|| ModelVariant::parse(model)).ok_or_else(|| {
-        ApiError::param(
-            ErrorCode::UnsupportedModel,
-            "model",
-            format!(
-                "model {} is not supported; use gemini-3-pro-image[-2k|-4k][-1x1|-4x3|-3x4|-16x9|-9x16|-21x9]{}",
-                quote(&Value::String(model.into())),
-                alias_hint(settings)
-            ),
-        )
-    })?;
+    let families = &settings.families;
+    let (variant, family) = settings
+        .aliases
+        .get(model)
+        .copied()
+        .or_else(|| families.parse(model))
+        .and_then(|v| Some((v, families.get(v)?)))
+        .ok_or_else(|| {
+            ApiError::param(
+                ErrorCode::UnsupportedModel,
+                "model",
+                format!(
+                    "model {} is not supported; use one of {} with an optional size suffix (-2k, -4k, where the \
+                     family makes that size) and ratio suffix (-1x1, -4x3, -3x4, -16x9, -9x16, -21x9){}",
+                    quote(&Value::String(model.into())),
+                    families.names(),
+                    alias_hint(settings)
+                ),
+            )
+        })?;
 
     // n
-    let n = match field(&obj, "n") {
+    let n = match field(obj, "n") {
         None => 1,
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 && n <= u64::from(settings.limits.max_n) => n as u32,
@@ -249,7 +311,7 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
     };
 
     // ratio: aspect_ratio > size > model suffix > 1:1
-    let size_ratio = match string_field(&obj, "size")? {
+    let size_ratio = match string_field(obj, "size")? {
         None | Some("auto") => None,
         Some(s) => Some(AspectRatio::from_size(s).ok_or_else(|| {
             invalid(
@@ -262,18 +324,47 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
             )
         })?),
     };
-    let explicit_ratio = named_field::<AspectRatio>(&obj, "aspect_ratio", true)?;
-    let ratio = explicit_ratio.or(size_ratio).or(variant.ratio).unwrap_or(AspectRatio::R1x1);
+    let explicit_ratio = named_field::<AspectRatio>(obj, "aspect_ratio", true)?;
+    let ratio = explicit_ratio.or(size_ratio).or(variant.ratio);
+    // A generation always says its ratio; an edit that names none keeps its input's.
+    let ratio = match endpoint {
+        Endpoint::Generations => Some(ratio.unwrap_or(AspectRatio::R1x1)),
+        Endpoint::Edits | Endpoint::Variations => ratio,
+    };
 
     // image size: image_size > quality > model suffix > none
-    let quality = named_field::<Quality>(&obj, "quality", false)?;
-    let explicit_size = named_field::<ImageSize>(&obj, "image_size", true)?;
+    let quality = named_field::<Quality>(obj, "quality", false)?;
+    let explicit_size = named_field::<ImageSize>(obj, "image_size", true)?;
     let (image_size, size_from) = if let Some(s) = explicit_size {
         (Some(s), "image_size")
     } else if let Some(s) = quality.and_then(Quality::image_size) {
         (Some(s), "quality")
     } else {
         (variant.image_size, "model")
+    };
+    // A family of one fixed size takes `image_size: 1K` and any quality, and is sent no size.
+    let image_size = match image_size {
+        Some(s) if !family.sized() => {
+            if size_from == "image_size" && s != ImageSize::K1 {
+                return Err(invalid(
+                    "image_size",
+                    format!("{} makes 1K images only; image_size {} is not supported", family.name, s.as_str()),
+                ));
+            }
+            None
+        }
+        Some(s) if !family.image_sizes.contains(&s) => {
+            return Err(invalid(
+                size_from,
+                format!(
+                    "{} does not make {} images; it makes {}",
+                    family.name,
+                    s.as_str(),
+                    family.image_sizes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        }
+        other => other,
     };
     if let Some(s) = image_size {
         if s > settings.limits.max_image_size {
@@ -288,26 +379,29 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
         }
     }
 
-    let style = named_field::<Style>(&obj, "style", false)?;
+    let style = named_field::<Style>(obj, "style", false)?;
     let response_format =
-        named_field::<ResponseFormat>(&obj, "response_format", false)?.unwrap_or(ResponseFormat::B64Json);
-    named_field::<OutputFormat>(&obj, "output_format", false)?;
-    if string_field(&obj, "background")? == Some("transparent") {
+        named_field::<ResponseFormat>(obj, "response_format", false)?.unwrap_or(ResponseFormat::B64Json);
+    named_field::<OutputFormat>(obj, "output_format", false)?;
+    if string_field(obj, "background")? == Some("transparent") {
         return Err(invalid(
             "background",
             "background \"transparent\" is not supported: Gemini returns opaque PNG images".into(),
         ));
     }
-    named_field::<Background>(&obj, "background", false)?;
-    match field(&obj, "stream") {
+    named_field::<Background>(obj, "background", false)?;
+    match field(obj, "stream") {
         None | Some(Value::Bool(false)) => {}
         Some(Value::Bool(true)) => {
             return Err(invalid("stream", "stream: true is not supported yet; send stream: false or omit it".into()))
         }
         Some(v) => return Err(invalid("stream", format!("stream must be a boolean, got {}", quote(v)))),
     }
-    string_field(&obj, "user")?;
-    string_field(&obj, "moderation")?;
+    string_field(obj, "user")?;
+    string_field(obj, "moderation")?;
+    if endpoint != Endpoint::Generations {
+        named_field::<InputFidelity>(obj, "input_fidelity", false)?;
+    }
 
     let final_prompt = match style {
         None => prompt.to_string(),
@@ -320,6 +414,8 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
         prompt_hash: known.prompt_hash.clone().unwrap_or_default(),
         model: model.to_string(),
         variant,
+        variant_name: families.name(variant),
+        upstream: family.upstream.clone(),
         n,
         ratio,
         image_size,
@@ -327,6 +423,8 @@ fn parse_into(body: &[u8], settings: &Settings, known: &mut Rejection) -> Result
         style,
         response_format,
         safety,
+        inputs: InputDigests::default(),
+        closing_text: None,
     })
 }
 
@@ -383,7 +481,7 @@ mod tests {
         assert_eq!(r.final_prompt, "a cat");
         assert_eq!(r.model, "gemini-3-pro-image");
         assert_eq!(r.n, 1);
-        assert_eq!(r.ratio, AspectRatio::R1x1);
+        assert_eq!(r.ratio, Some(AspectRatio::R1x1));
         assert_eq!(r.image_size, None);
         assert_eq!(r.response_format, ResponseFormat::B64Json);
         assert_eq!(r.safety, SafetyLevel::Off);
@@ -393,12 +491,15 @@ mod tests {
     #[test]
     fn ratio_precedence_is_aspect_ratio_then_size_then_suffix() {
         let m = "gemini-3-pro-image-21x9";
-        assert_eq!(parse(json!({"prompt": "p", "model": m})).unwrap().ratio, AspectRatio::R21x9);
-        assert_eq!(parse(json!({"prompt": "p", "model": m, "size": "auto"})).unwrap().ratio, AspectRatio::R21x9);
-        assert_eq!(parse(json!({"prompt": "p", "model": m, "size": "1792x1024"})).unwrap().ratio, AspectRatio::R16x9);
+        assert_eq!(parse(json!({"prompt": "p", "model": m})).unwrap().ratio, Some(AspectRatio::R21x9));
+        assert_eq!(parse(json!({"prompt": "p", "model": m, "size": "auto"})).unwrap().ratio, Some(AspectRatio::R21x9));
+        assert_eq!(
+            parse(json!({"prompt": "p", "model": m, "size": "1792x1024"})).unwrap().ratio,
+            Some(AspectRatio::R16x9)
+        );
         assert_eq!(
             parse(json!({"prompt": "p", "model": m, "size": "1792x1024", "aspect_ratio": "4:5"})).unwrap().ratio,
-            AspectRatio::R4x5
+            Some(AspectRatio::R4x5)
         );
     }
 
@@ -434,7 +535,7 @@ mod tests {
     #[test]
     fn aliases_resolve_and_unknown_models_are_refused() {
         let r = parse(json!({"prompt": "p", "model": "dall-e-3"})).unwrap();
-        assert_eq!(r.variant, ModelVariant { image_size: None, ratio: None });
+        assert_eq!(r.variant, ModelVariant { family: 0, image_size: None, ratio: None });
         assert_eq!(r.model, "dall-e-3");
         assert_eq!(rejected(json!({"prompt": "p", "model": "dall-e-2"})), (ErrorCode::UnsupportedModel, Some("model")));
         assert_eq!(rejected(json!({"prompt": "p", "model": 3})), (ErrorCode::UnsupportedModel, Some("model")));
@@ -527,7 +628,7 @@ mod tests {
             "some_future_field": {"x": 1}, "size_hint": null
         }))
         .unwrap();
-        assert_eq!((r.n, r.ratio, r.image_size), (4, AspectRatio::R2x3, Some(ImageSize::K2)));
+        assert_eq!((r.n, r.ratio, r.image_size), (4, Some(AspectRatio::R2x3), Some(ImageSize::K2)));
         assert_eq!((r.response_format, r.safety), (ResponseFormat::Url, SafetyLevel::High));
         assert!(parse(json!({"prompt": "p", "background": "auto", "quality": null})).is_ok());
     }

@@ -40,3 +40,8 @@ fn l2_response_corpus() {
 fn config_corpus() {
     replay("config", check_config);
 }
+
+#[test]
+fn multipart_corpus() {
+    replay("multipart", check_multipart);
+}

@@ -110,7 +110,8 @@ def test_a_stampede_on_one_prompt(client, fake):
     ("/v1/images/%67enerations", True),          # normalize_path decodes unreserved characters
     ("/V1/images/generations", False),
     ("/v1/images/generations/extra", False),
-    ("/v1/images/edits", False),
+    ("/v1/images/edit", False),
+    ("/v1/images/variations/x", False),
 ])
 def test_path_variants_are_handled_or_passed_on_as_documented(gateway, fake, path, handled):
     e, app = gateway

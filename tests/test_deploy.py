@@ -1,7 +1,9 @@
 """The deployment kits (issues 6, 10, 11): every shipped Envoy config is accepted by a real
 Envoy; every kit (envoy/*.yaml, envoy/istio/, envoy/envoy-gateway/) carries the one plugin
 configuration, the same filter chain and the same failure policy, differing only where
-docs/configuration.md ("The shipped kits") says; no route of any kit reaches the clusters the
+docs/configuration.md ("The shipped kits") says; every kit sends the three Images API paths
+(generations, edits, variations) to the filter, with buffer limits above the largest body the
+filter accepts (contract sections 9 and 14); no route of any kit reaches the clusters the
 filter calls (contract section 14); and the compose and Kubernetes files name files, ports
 and clusters that exist."""
 import copy
@@ -23,6 +25,16 @@ FILTERS = ["envoy.filters.http.wasm", "envoy.filters.http.buffer", "envoy.filter
 # Contract section 14: the one route allowed to pick a cluster from a header, for the requests
 # the filter sends upstream itself; the filter refuses a client request that carries it.
 UPSTREAM_HEADER = "x-gemini-image-filter-upstream"
+# Contract sections 1 and 9: the paths the filter answers (POST only; 405 for other methods).
+IMAGE_PATHS = ["/v1/images/generations", "/v1/images/edits", "/v1/images/variations"]
+# Paths next to them that are not the Images API and must not meet the image route.
+NOT_IMAGE_PATHS = ["/v1/images/generations/extra", "/v1/images/edit", "/v1/images/editsx",
+                   "/v1/images/variations/x", "/v1/images", "/v1/images/", "/V1/images/edits",
+                   "/x/v1/images/generations"]
+# How far Envoy's body limits sit above the largest body the filter accepts: more than the
+# bursts a chunked body reaches the filter in (up to a TCP receive buffer, 6 MiB by default on
+# Linux), or Envoy's plain-text 413 beats the filter's (docs/configuration.md, "Envoy side").
+BODY_LIMIT_ROOM = 12 * 1024 * 1024
 
 # The one plugin configuration: envoy/envoy.yaml's (the contract's defaults, the local run).
 CANONICAL = shipped_plugin()
@@ -81,6 +93,37 @@ def kit_plugins():
     kits["istio"] = resources_by_kind("istio")["WasmPlugin"][0]["spec"]["pluginConfig"]
     kits["envoy-gateway"] = resources_by_kind("envoy-gateway")["EnvoyExtensionPolicy"][0]["spec"]["wasm"][0]["config"]
     return kits
+
+
+def quantity(q):
+    """A Kubernetes quantity in bytes: 32Mi, 33554432."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", str(q))
+    assert m, q
+    return int(m.group(1)) * {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}[m.group(2)]
+
+
+def largest_body(plugin):
+    """The largest request body a plugin configuration accepts (contract section 14)."""
+    limits = plugin["limits"]
+    return max(limits["max_body_bytes"], limits["max_upload_bytes"])
+
+
+def image_route(listener):
+    return hcm(listener)["route_config"]["virtual_hosts"][0]["routes"][0]
+
+
+def route_for(listener, path):
+    """The route Envoy picks for a client request to `path` (no special headers): the first of
+    the first virtual host whose path match takes it. Routes that need a header are skipped (the
+    contract's upstream route needs the one the filter alone sends)."""
+    for r in hcm(listener)["route_config"]["virtual_hosts"][0]["routes"]:
+        m = r["match"]
+        if m.get("headers"):
+            continue
+        if ("safe_regex" in m and re.fullmatch(m["safe_regex"]["regex"], path)) or \
+                ("prefix" in m and path.startswith(m["prefix"])) or m.get("path") == path:
+            return r
+    return None
 
 
 def validate(doc, tmp_path, env=None):
@@ -155,10 +198,14 @@ def test_every_envoy_config_has_the_same_filter_chain(name):
     assert hcm(listener)["http_filters"][1:] == hcm(ref)["http_filters"][1:], "buffer and router"
     for key in ("stream_idle_timeout", "request_timeout", "normalize_path", "merge_slashes"):
         assert hcm(listener).get(key) == hcm(ref)[key], key
+    assert listener.get("per_connection_buffer_limit_bytes") == ref["per_connection_buffer_limit_bytes"]
     # The image route: the same match and the same 405 for what reaches the router there.
-    image = hcm(listener)["route_config"]["virtual_hosts"][0]["routes"][0]
-    assert image == hcm(ref)["route_config"]["virtual_hosts"][0]["routes"][0]
+    image = image_route(listener)
+    assert image == image_route(ref)
+    assert image["direct_response"]["status"] == 405
     assert json.loads(image["direct_response"]["body"]["inline_string"])["error"]["code"] == "IMG_INVALID_REQUEST"
+    headers = {h["header"]["key"]: h["header"]["value"] for h in image.get("response_headers_to_add", [])}
+    assert headers == {"allow": "POST", "content-type": "application/json"}, "as the filter's own 405"
     assert doc["stats_config"] == ref_doc["stats_config"]
 
 
@@ -175,19 +222,42 @@ def test_istio_and_envoy_gateway_build_the_same_filter_chain():
     assert plugin["phase"] == "UNSPECIFIED_PHASE"
     assert plugin["pluginName"] == ref_wasm["root_id"]
     assert {e["name"] for e in plugin["vmConfig"]["env"] if e["valueFrom"] == "HOST"} == host_keys
-    (patch,) = istio["EnvoyFilter"][0]["spec"]["configPatches"]
+    patch = istio_patch(istio, "HTTP_FILTER")
     assert patch["match"]["context"] == "SIDECAR_INBOUND"
     assert patch["patch"]["operation"] == "INSERT_BEFORE"
     assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
     assert patch["patch"]["value"]["name"] == "envoy.filters.http.buffer"
     assert patch["patch"]["value"]["typed_config"] == ref_buffer
+    # The inbound listener's per-connection limit, merged in: the same as the Envoy configs'.
+    listener_patch = istio_patch(istio, "LISTENER")
+    assert listener_patch["match"] == {"context": "SIDECAR_INBOUND"}, "every inbound listener of the workload"
+    assert listener_patch["patch"]["operation"] == "MERGE"
+    assert listener_patch["patch"]["value"] == {"per_connection_buffer_limit_bytes": ref["per_connection_buffer_limit_bytes"]}
 
     eg = resources_by_kind("envoy-gateway")
     wasm = eg["EnvoyExtensionPolicy"][0]["spec"]["wasm"][0]
     assert wasm["rootID"] == ref_wasm["root_id"]
     assert set(wasm["env"]["hostKeys"]) == host_keys
     limit = eg["BackendTrafficPolicy"][0]["spec"]["requestBuffer"]["limit"]
-    assert re.fullmatch(r"\d+Mi", limit) and int(limit[:-2]) * 1024 * 1024 == ref_buffer["max_request_bytes"]
+    assert re.fullmatch(r"\d+Mi", limit) and quantity(limit) == ref_buffer["max_request_bytes"]
+    # The Gateway's per-connection limit (ClientTrafficPolicy), the same as the Envoy configs'.
+    assert quantity(eg_connection_policy(eg)["spec"]["connection"]["bufferLimit"]) == ref["per_connection_buffer_limit_bytes"]
+
+
+def istio_patch(istio, apply_to):
+    """The one patch of the Istio kit's EnvoyFilter that applies to `apply_to`."""
+    (patch,) = [p for p in istio["EnvoyFilter"][0]["spec"]["configPatches"] if p["applyTo"] == apply_to]
+    return patch
+
+
+def eg_connection_policy(eg):
+    """The Envoy Gateway kit's ClientTrafficPolicy, on the Gateway of the images route."""
+    (policy,) = eg["ClientTrafficPolicy"]
+    route = named(eg["HTTPRoute"], eg["EnvoyExtensionPolicy"][0]["spec"]["targetRefs"][0]["name"])
+    assert policy["metadata"]["namespace"] == route["metadata"]["namespace"]
+    assert [{k: v for k, v in t.items() if k != "sectionName"} for t in policy["spec"]["targetRefs"]] == [
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": route["spec"]["parentRefs"][0]["name"]}]
+    return policy
 
 
 def eg_failure_policy_patch(eg):
@@ -223,6 +293,86 @@ def test_every_kit_has_the_one_failure_policy():
     generated = "envoy.filters.http.wasm/envoyextensionpolicy/%s/%s/wasm/0" % (ext["metadata"]["namespace"], ext["metadata"]["name"])
     assert re.fullmatch(regex, generated), (regex, generated)
     assert not re.fullmatch(regex, "envoy.filters.http.wasm/envoyextensionpolicy/images/another-policy/wasm/0")
+
+
+# --- the Images API reaches the filter, with room for its largest body (contract 9, 14) -----
+
+@pytest.mark.parametrize("name", ENVOY_CONFIGS)
+def test_every_envoy_config_sends_the_image_paths_to_the_filter(name):
+    listener = envoy_config(name)["static_resources"]["listeners"][0]
+    image = image_route(listener)
+    for path in IMAGE_PATHS:
+        for spelling in (path, path + "/"):
+            assert route_for(listener, spelling) is image, (name, spelling)
+    # The filter and the buffer are on for it (they are only switched off on other routes).
+    assert "typed_per_filter_config" not in image
+    for path in NOT_IMAGE_PATHS:
+        assert route_for(listener, path) is not image, (name, path)
+
+
+def test_istio_sends_the_image_paths_to_the_filter():
+    """Istio has no route of its own here: the filter is on every inbound request of the image
+    workload, whatever its path, and picks out the Images API itself."""
+    istio = resources_by_kind("istio")
+    plugin = istio["WasmPlugin"][0]["spec"]
+    assert plugin["match"] == [{"mode": "SERVER"}], "no port or path restriction"
+    assert "targetRefs" not in plugin and "targetRef" not in plugin, "the workload selector, not a route"
+
+
+def test_envoy_gateway_sends_the_image_paths_to_the_filter():
+    eg = resources_by_kind("envoy-gateway")
+    route = named(eg["HTTPRoute"], eg["EnvoyExtensionPolicy"][0]["spec"]["targetRefs"][0]["name"])
+    post, other = route["spec"]["rules"]
+    # POST to the three paths: the filter, in front of the app's backend, with no timeout.
+    assert post["matches"] == [{"path": {"type": "Exact", "value": p}, "method": "POST"} for p in IMAGE_PATHS]
+    assert post["timeouts"] == {"request": "0s"}
+    # Any other method on them: the filter's 405, or without it the Envoy configs' 405.
+    assert other["matches"] == [{"path": {"type": "Exact", "value": p}} for p in IMAGE_PATHS]
+    assert "backendRefs" not in other
+    (modifier,) = [f for f in other["filters"] if f["type"] == "ResponseHeaderModifier"]
+    assert modifier["responseHeaderModifier"] == {"set": [{"name": "allow", "value": "POST"}]}
+    (ref,) = [f["extensionRef"] for f in other["filters"] if f["type"] == "ExtensionRef"]
+    assert (ref["group"], ref["kind"]) == ("gateway.envoyproxy.io", "HTTPRouteFilter")
+    direct = named(eg["HTTPRouteFilter"], ref["name"])
+    assert direct["metadata"]["namespace"] == route["metadata"]["namespace"]
+    envoy_405 = image_route(envoy_config("envoy.yaml")["static_resources"]["listeners"][0])["direct_response"]
+    assert direct["spec"]["directResponse"] == {
+        "statusCode": envoy_405["status"], "contentType": "application/json",
+        "body": {"type": "Inline", "inline": envoy_405["body"]["inline_string"]}}
+    # The request buffer is on the images route.
+    assert eg["BackendTrafficPolicy"][0]["spec"]["targetRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": route["metadata"]["name"]}]
+
+
+def test_every_kit_buffers_more_than_the_largest_body_the_filter_accepts():
+    """Contract section 14: the buffer filter's max_request_bytes and the listener's
+    per_connection_buffer_limit_bytes are at least the largest body the kit's own plugin
+    configuration accepts (limits.max_upload_bytes, for edits and variations), with room for a
+    chunked body's bursts, so that the filter, not Envoy, answers a body over its limit."""
+    plugins = kit_plugins()
+    limits = {}
+    for name in ENVOY_CONFIGS:
+        listener = envoy_config(name)["static_resources"]["listeners"][0]
+        (buffer,) = [f for f in hcm(listener)["http_filters"] if f["name"] == "envoy.filters.http.buffer"]
+        limits[name] = {"buffer filter": buffer["typed_config"]["max_request_bytes"],
+                        "per-connection": listener.get("per_connection_buffer_limit_bytes", 1 << 20)}
+    istio = resources_by_kind("istio")
+    limits["istio"] = {
+        "buffer filter": istio_patch(istio, "HTTP_FILTER")["patch"]["value"]["typed_config"]["max_request_bytes"],
+        "per-connection": istio_patch(istio, "LISTENER")["patch"]["value"]["per_connection_buffer_limit_bytes"]}
+    eg = resources_by_kind("envoy-gateway")
+    limits["envoy-gateway"] = {
+        "buffer filter": quantity(eg["BackendTrafficPolicy"][0]["spec"]["requestBuffer"]["limit"]),
+        "per-connection": quantity(eg_connection_policy(eg)["spec"]["connection"]["bufferLimit"])}
+    assert set(limits) == set(plugins)
+    for kit, found in limits.items():
+        largest = largest_body(plugins[kit])
+        assert largest == plugins[kit]["limits"]["max_upload_bytes"], kit
+        for what, limit in found.items():
+            assert limit >= largest, "%s: the %s limit %d is below the largest body the filter accepts, %d" % (
+                kit, what, limit, largest)
+            assert limit >= largest + BODY_LIMIT_ROOM, "%s: the %s limit %d leaves less than %d bytes above %d" % (
+                kit, what, limit, BODY_LIMIT_ROOM, largest)
 
 
 # --- no route reaches the filter's clusters (issue 11, contract section 14) ----------------
@@ -391,7 +541,7 @@ def test_sidecar_keeps_the_filter_and_the_buffer_off_the_apps_routes():
     h = hcm(doc["static_resources"]["listeners"][0])
     assert [f["name"] for f in h["http_filters"]] == FILTERS
     image, rest = h["route_config"]["virtual_hosts"][0]["routes"]
-    assert image["match"] == {"safe_regex": {"regex": "/v1/images/generations/?"}}
+    assert image["match"] == {"safe_regex": {"regex": "/v1/images/(generations|edits|variations)/?"}}
     assert "typed_per_filter_config" not in image
     assert rest["typed_per_filter_config"]["envoy.filters.http.wasm"]["disabled"] is True
     assert rest["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True
@@ -399,7 +549,7 @@ def test_sidecar_keeps_the_filter_and_the_buffer_off_the_apps_routes():
     assert set(wasm["vm_config"]["environment_variables"]["host_env_keys"]) >= {"GEMINI_API_KEY", "IMAGE_CACHE_TOKEN"}
     assert int(h["stream_idle_timeout"].rstrip("s")) >= 300, "minutes, not Envoy's defaults"
     buffer_limit = h["http_filters"][1]["typed_config"]["max_request_bytes"]
-    assert buffer_limit > json.loads(wasm["configuration"]["value"])["limits"]["max_body_bytes"]
+    assert buffer_limit >= largest_body(json.loads(wasm["configuration"]["value"]))
     gemini = [c for c in doc["static_resources"]["clusters"] if c["name"] == "gemini"][0]
     tls = gemini["transport_socket"]["typed_config"]
     assert tls["sni"] == "generativelanguage.googleapis.com"
@@ -431,11 +581,13 @@ def test_istio_resources_fit_together(tmp_path):
     # The plugin configuration is one the filter accepts.
     plugin_config_in_envoy(cfg, tmp_path, cluster_names=[cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]])
     # The EnvoyFilter's buffer filter is valid Envoy config, in the buffer's place.
-    patch = docs["EnvoyFilter"][0]["spec"]["configPatches"][0]
+    patch = istio_patch(docs, "HTTP_FILTER")
     doc = render_envoy.render(wasm=WASM)
     filters = hcm(doc["static_resources"]["listeners"][0])["http_filters"]
     filters[1] = copy.deepcopy(patch["patch"]["value"])
-    assert filters[1]["typed_config"]["max_request_bytes"] > cfg["limits"]["max_body_bytes"]
+    assert filters[1]["typed_config"]["max_request_bytes"] >= largest_body(cfg)
+    # And the listener patch, merged into the listener as Istio merges it.
+    doc["static_resources"]["listeners"][0].update(copy.deepcopy(istio_patch(docs, "LISTENER")["patch"]["value"]))
     validate(doc, tmp_path)
 
 
@@ -463,7 +615,7 @@ def test_envoy_gateway_resources_fit_together(tmp_path):
     shipped = {c["name"]: c for c in envoy_config("envoy.yaml")["static_resources"]["clusters"]}
     assert by_name[cfg["gemini"]["cluster"]] == shipped["gemini"]
     limit = docs["BackendTrafficPolicy"][0]["spec"]["requestBuffer"]["limit"]
-    assert int(limit.rstrip("Mi")) * 1024 * 1024 > cfg["limits"]["max_body_bytes"]
+    assert quantity(limit) >= largest_body(cfg)
     assert set(wasm["env"]["hostKeys"]) >= {"GEMINI_API_KEY", "IMAGE_CACHE_TOKEN"}
     # The configuration and the patch's clusters, as Envoy gets them, through on_configure.
     plugin_config_in_envoy(cfg, tmp_path, clusters=clusters)

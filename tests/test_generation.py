@@ -129,7 +129,7 @@ def test_other_paths_and_methods_pass_through_untouched(envoy):
     assert echo["body"] == '{"prompt": 5}'
     assert echo["headers"]["authorization"] == "Bearer app-token"
     assert echo["path"] == "/__fake/echo?x=1"
-    status, _, body = http("POST", envoy.url() + "/v1/images/edits", b"abc", {"content-type": "text/plain"})
+    status, _, body = http("POST", envoy.url() + "/v1/images/other", b"abc", {"content-type": "text/plain"})
     assert status == 404 and b"Method not found" in body, "reached the app untouched"
     status, _, body = http("GET", envoy.url() + "/v1/images/generations")
     assert status == 405 and json.loads(body)["error"]["code"] == "IMG_INVALID_REQUEST"

@@ -115,6 +115,36 @@ pub fn dimensions(ratio: &str, size: &str) -> (u32, u32) {
     (w * k, h * k)
 }
 
+/// The aspect ratios Gemini's image models take, as `imageConfig.aspectRatio` names them.
+pub const RATIOS: [&str; 10] = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"];
+
+/// The supported ratio nearest to `width` x `height` (what an edit without `aspectRatio` gets:
+/// Gemini keeps the input's ratio, snapped to one it makes).
+pub fn nearest_ratio(width: u32, height: u32) -> &'static str {
+    let want = (width.max(1) as f64 / height.max(1) as f64).ln();
+    let value = |r: &str| {
+        let (w, h) = r.split_once(':').unwrap_or(("1", "1"));
+        (w.parse::<f64>().unwrap_or(1.0) / h.parse::<f64>().unwrap_or(1.0)).ln()
+    };
+    RATIOS.iter().copied().min_by(|a, b| (value(a) - want).abs().total_cmp(&(value(b) - want).abs())).unwrap_or("1:1")
+}
+
+/// Gemini 2.5 Flash Image's output dimensions for an aspect ratio (it makes 1K images only).
+pub fn flash_dimensions(ratio: &str) -> (u32, u32) {
+    match ratio {
+        "2:3" => (832, 1248),
+        "3:2" => (1248, 832),
+        "3:4" => (864, 1184),
+        "4:3" => (1184, 864),
+        "4:5" => (896, 1152),
+        "5:4" => (1152, 896),
+        "9:16" => (768, 1344),
+        "16:9" => (1344, 768),
+        "21:9" => (1536, 672),
+        _ => (1024, 1024),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +166,25 @@ mod tests {
         assert_eq!(dimensions("16:9", "4K"), (5504, 3072));
         assert_eq!(dimensions("1:1", ""), (1024, 1024));
         assert_eq!(dimensions("9:16", "2k"), (1536, 2752));
+        assert_eq!(flash_dimensions("16:9"), (1344, 768));
+        assert_eq!(flash_dimensions("1:1"), (1024, 1024));
+    }
+
+    #[test]
+    fn nearest_ratio_snaps_to_a_supported_one() {
+        assert_eq!(nearest_ratio(1920, 1080), "16:9");
+        assert_eq!(nearest_ratio(1080, 1920), "9:16");
+        assert_eq!(nearest_ratio(4032, 3024), "4:3");
+        assert_eq!(nearest_ratio(300, 200), "3:2");
+        assert_eq!(nearest_ratio(512, 512), "1:1");
+        assert_eq!(nearest_ratio(3000, 1000), "21:9");
+        assert_eq!(nearest_ratio(1000, 3000), "9:16");
+        assert_eq!(nearest_ratio(0, 0), "1:1");
+        for r in RATIOS {
+            let (w, h) = dimensions(r, "1K");
+            assert_eq!(nearest_ratio(w, h), r);
+            let (w, h) = flash_dimensions(r);
+            assert_eq!(nearest_ratio(w, h), r);
+        }
     }
 }

@@ -2,14 +2,17 @@
 //! runs, tests and benchmarks. It answers real PNGs whose dimensions follow the requested
 //! aspect ratio and image size, records every request it gets (`GET /__fake/requests`), and
 //! is steered by markers in the prompt to fail in every way Gemini or the network can
-//! (see `behaviour.rs`).
+//! (see `behaviour.rs`). Requests are checked as strictly as Google checks them, `inlineData`
+//! input images included (see `inputs.rs`).
 //!
 //! Usage: `fake-gemini --listen 127.0.0.1:PORT [--api-key KEY]`
 
 mod behaviour;
+mod inputs;
 mod png;
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,11 +21,20 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use behaviour::{dimensions, google_status, parse_markers};
+use behaviour::{dimensions, flash_dimensions, google_status, nearest_ratio, parse_markers};
+use inputs::{Family, Inputs};
 
+/// Requests kept for `GET /__fake/requests`: at most this many, and at most
+/// `RECORDED_BYTES_MAX` of request bodies together (edits carry megabytes of images); the
+/// oldest go first.
 const RECORDED_MAX: usize = 1000;
+const RECORDED_BYTES_MAX: usize = 256 * 1024 * 1024;
 const HEAD_MAX: usize = 64 * 1024;
-const BODY_MAX: usize = 64 * 1024 * 1024;
+/// Google's limit for a request with inline data: 100 MB, base64 included (since January 2026).
+const BODY_MAX: usize = 100 * 1024 * 1024;
+/// A body over `BODY_MAX` is read and dropped up to this size to answer it; beyond, the
+/// connection is closed.
+const DRAIN_MAX: usize = 1024 * 1024 * 1024;
 
 /// Width, height and palette index of a generated PNG.
 type PngKey = (u32, u32, u8);
@@ -30,12 +42,44 @@ type PngKey = (u32, u32, u8);
 #[derive(Default)]
 struct State {
     api_key: Option<String>,
-    recorded: Mutex<VecDeque<Value>>,
+    recorded: Mutex<Recorded>,
     calls_per_prompt: Mutex<HashMap<String, u64>>,
     png_cache: Mutex<HashMap<PngKey, Arc<Vec<u8>>>>,
     /// Whole answers by request body, so that benchmarks measure Envoy and the filter rather
-    /// than this fake's base64 and JSON encoding. Only deterministic answers are kept.
-    answers: Mutex<VecDeque<(Vec<u8>, Arc<Response>)>>,
+    /// than this fake's base64 and JSON encoding. Only deterministic answers are kept, by a
+    /// hash of the path and body (not the body itself, which may be megabytes of images).
+    answers: Mutex<VecDeque<(AnswerKey, Arc<Response>)>>,
+}
+
+/// Recorded requests (method, path, headers, JSON body), each with its size, oldest first.
+#[derive(Default)]
+struct Recorded {
+    entries: VecDeque<(usize, Value)>,
+    bytes: usize,
+}
+
+impl Recorded {
+    /// Adds an entry of `size` bytes, first dropping the oldest until at most `max_entries - 1`
+    /// and `max_bytes - size` remain (the newest is always kept).
+    fn push(&mut self, size: usize, entry: Value, max_entries: usize, max_bytes: usize) {
+        while !self.entries.is_empty() && (self.entries.len() >= max_entries || self.bytes + size > max_bytes) {
+            if let Some((gone, _)) = self.entries.pop_front() {
+                self.bytes -= gone;
+            }
+        }
+        self.bytes += size;
+        self.entries.push_back((size, entry));
+    }
+}
+
+/// A 64-bit hash of the path and body, and the body's length.
+type AnswerKey = (u64, usize);
+
+fn answer_key(path: &str, body: &[u8]) -> AnswerKey {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    body.hash(&mut h);
+    (h.finish(), body.len())
 }
 
 /// Answers kept in `answers`.
@@ -47,6 +91,8 @@ struct Request {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     keep_alive: bool,
+    /// The body was over `BODY_MAX` (read and dropped; `body` is empty).
+    oversize: bool,
 }
 
 #[derive(Clone)]
@@ -129,7 +175,28 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
                 let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
                 let length: usize = get("content-length").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
                 if length > BODY_MAX {
-                    return Ok(None);
+                    if length > DRAIN_MAX {
+                        return Ok(None);
+                    }
+                    // Read and drop the body, then answer as Google does and close.
+                    let mut left = (head_len + length).saturating_sub(buf.len());
+                    buf.clear();
+                    let mut chunk = vec![0u8; 65536];
+                    while left > 0 {
+                        let n = stream.read(&mut chunk).await?;
+                        if n == 0 {
+                            return Ok(None);
+                        }
+                        left = left.saturating_sub(n);
+                    }
+                    return Ok(Some(Request {
+                        method,
+                        path,
+                        headers,
+                        body: Vec::new(),
+                        keep_alive: false,
+                        oversize: true,
+                    }));
                 }
                 let keep_alive = !get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
                 while buf.len() < head_len + length {
@@ -142,7 +209,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
                 }
                 let body = buf[head_len..head_len + length].to_vec();
                 buf.drain(..head_len + length);
-                return Ok(Some(Request { method, path, headers, body, keep_alive }));
+                return Ok(Some(Request { method, path, headers, body, keep_alive, oversize: false }));
             }
             Ok(httparse::Status::Partial) => {
                 if buf.len() > HEAD_MAX {
@@ -220,16 +287,31 @@ fn google_error(code: u16, message: &str, details: Value) -> Response {
 }
 
 fn handle(req: &Request, state: &State) -> Response {
-    let path = req.path.split('?').next().unwrap_or("");
+    let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
+    if req.oversize {
+        return google_error(400, &format!("Request payload size exceeds the limit: {BODY_MAX} bytes."), json!([]));
+    }
     match (req.method.as_str(), path) {
         ("GET", "/healthz") => Response::json(200, json!({"ok": true})),
         ("GET", "/__fake/requests") => {
-            let recorded = state.recorded.lock().map(|r| r.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
+            // `?contains=TEXT`: only the requests whose body holds TEXT (image data aside).
+            let needle = query_param(query, "contains");
+            let recorded = state
+                .recorded
+                .lock()
+                .map(|r| {
+                    r.entries
+                        .iter()
+                        .filter(|(_, e)| needle.as_deref().is_none_or(|n| value_contains(&e["body"], n, false)))
+                        .map(|(_, e)| e.clone())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
             Response::json(200, Value::Array(recorded))
         }
         ("DELETE", "/__fake/requests") => {
             if let Ok(mut r) = state.recorded.lock() {
-                r.clear();
+                *r = Recorded::default();
             }
             Response::json(200, json!({"cleared": true}))
         }
@@ -247,15 +329,51 @@ fn handle(req: &Request, state: &State) -> Response {
     }
 }
 
+/// The percent-decoded value of `name` in a query string (`+` is a space).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    let raw = query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Whether any key or string in `v` holds `needle`, not looking into image data.
+fn value_contains(v: &Value, needle: &str, in_blob: bool) -> bool {
+    match v {
+        Value::String(s) => s.contains(needle),
+        Value::Array(a) => a.iter().any(|x| value_contains(x, needle, false)),
+        Value::Object(o) => o.iter().any(|(k, x)| {
+            k.contains(needle)
+                || (!(in_blob && k == "data") && value_contains(x, needle, k == "inlineData" || k == "inline_data"))
+        }),
+        _ => false,
+    }
+}
+
 fn record(req: &Request, state: &State, body: &Value) {
     let headers: serde_json::Map<String, Value> =
         req.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let size = req.body.len() + req.path.len() + req.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
     let entry = json!({"method": req.method, "path": req.path, "headers": headers, "body": body});
     if let Ok(mut r) = state.recorded.lock() {
-        if r.len() >= RECORDED_MAX {
-            r.pop_front();
-        }
-        r.push_back(entry);
+        r.push(size, entry, RECORDED_MAX, RECORDED_BYTES_MAX);
     }
 }
 
@@ -289,26 +407,31 @@ fn generate(req: &Request, path: &str, state: &State) -> Response {
         .filter_map(|p| p["text"].as_str())
         .collect::<Vec<_>>()
         .join("\n");
-    if prompt.is_empty() {
-        return google_error(400, "* GenerateContentRequest.contents: contents is not specified", json!([]));
-    }
+    let model = path.trim_start_matches("/v1beta/models/").trim_end_matches(":generateContent");
     let m = parse_markers(&prompt);
     let cacheable = m.fail_first == 0;
+    let key = answer_key(path, &req.body);
     let known = if cacheable {
-        state.answers.lock().ok().and_then(|a| a.iter().find(|(k, _)| *k == req.body).map(|(_, r)| r.clone()))
+        state.answers.lock().ok().and_then(|a| a.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone()))
     } else {
         None
     };
     let mut resp = match known {
         Some(r) => r.as_ref().clone(),
         None => {
-            let r = respond(&m, &prompt, &body, path, state);
+            let r = match inputs::check(&body, model) {
+                Err(e) => google_error(400, &e.message, e.details()),
+                Ok(i) if i.text.is_empty() && i.images.is_empty() => {
+                    google_error(400, "* GenerateContentRequest.contents: contents is not specified", json!([]))
+                }
+                Ok(i) => respond(&m, &prompt, &body, model, &i, state),
+            };
             if cacheable {
                 if let Ok(mut a) = state.answers.lock() {
                     if a.len() >= ANSWERS_KEPT {
                         a.pop_front();
                     }
-                    a.push_back((req.body.clone(), Arc::new(r.clone())));
+                    a.push_back((key, Arc::new(r.clone())));
                 }
             }
             r
@@ -323,7 +446,15 @@ fn generate(req: &Request, path: &str, state: &State) -> Response {
     resp
 }
 
-fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state: &State) -> Response {
+fn respond(
+    m: &behaviour::Markers,
+    prompt: &str,
+    body: &Value,
+    model: &str,
+    inputs: &Inputs,
+    state: &State,
+) -> Response {
+    let family = Family::of(model);
     if m.fail_first > 0 {
         let n = state
             .calls_per_prompt
@@ -367,7 +498,15 @@ fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state
     if m.empty {
         return Response { body: Vec::new(), ..text_resp(json!(null)) };
     }
-    let usage = json!({"promptTokenCount": prompt.split_whitespace().count() + 3, "candidatesTokenCount": 1290, "thoughtsTokenCount": 120, "totalTokenCount": prompt.split_whitespace().count() + 3 + 1290 + 120});
+    let text_tokens = prompt.split_whitespace().count() as u64 + 3;
+    let image_tokens = inputs.images.len() as u64 * family.tokens_per_image();
+    let mut details = vec![json!({"modality": "TEXT", "tokenCount": text_tokens})];
+    if image_tokens > 0 {
+        details.push(json!({"modality": "IMAGE", "tokenCount": image_tokens}));
+    }
+    let prompt_tokens = text_tokens + image_tokens;
+    let usage = json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": 1290, "thoughtsTokenCount": 120,
+                       "totalTokenCount": prompt_tokens + 1290 + 120, "promptTokensDetails": details});
     if let Some(reason) = &m.block {
         return text_resp(
             json!({"promptFeedback": {"blockReason": reason, "safetyRatings": []}, "usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5}, "modelVersion": "fake"}),
@@ -384,10 +523,20 @@ fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state
         );
     }
 
-    let config = &body["generationConfig"]["imageConfig"];
-    let ratio = config["aspectRatio"].as_str().unwrap_or("1:1");
-    let size = config["imageSize"].as_str().unwrap_or("1K");
-    let (w, h) = dimensions(ratio, size);
+    // The ratio asked for; without one, the first input image's (snapped to a supported
+    // ratio), as Gemini keeps the input's ratio; else 1:1.
+    let config =
+        inputs::field(inputs::field(body, "generationConfig", "generation_config"), "imageConfig", "image_config");
+    let first_input = inputs.images.first().and_then(|i| i.dimensions);
+    let ratio = match (inputs::field(config, "aspectRatio", "aspect_ratio").as_str(), first_input) {
+        (Some(r), _) => r,
+        (None, Some((w, h))) => nearest_ratio(w, h),
+        (None, None) => "1:1",
+    };
+    let (w, h) = match family {
+        Family::Pro3 => dimensions(ratio, inputs::field(config, "imageSize", "image_size").as_str().unwrap_or("1K")),
+        Family::Flash25 => flash_dimensions(ratio),
+    };
     let shade = (prompt.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32)) % 6) as u8;
     let png = cached_png(state, w, h, shade);
     let png: Vec<u8> = match (m.huge, m.bytes) {
@@ -407,7 +556,6 @@ fn respond(m: &behaviour::Markers, prompt: &str, body: &Value, path: &str, state
     if m.with_text {
         parts.push(json!({"text": "Here is your image."}));
     }
-    let model = path.trim_start_matches("/v1beta/models/").trim_end_matches(":generateContent");
     let answer = json!({
         "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
         "usageMetadata": usage,
@@ -431,4 +579,174 @@ fn cached_png(state: &State, w: u32, h: u32, shade: u8) -> Arc<Vec<u8>> {
         c.insert((w, h, shade), png.clone());
     }
     png
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use inputs::tests::{jpeg, webp};
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn post(state: &State, model: &str, body: &Value) -> (u16, Value) {
+        let req = Request {
+            method: "POST".into(),
+            path: format!("/v1beta/models/{model}:generateContent"),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+            keep_alive: true,
+            oversize: false,
+        };
+        let r = handle(&req, state);
+        (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+    }
+
+    /// The generated image's dimensions and the answer's usage.
+    fn image_of(answer: &Value) -> ((u32, u32), Value) {
+        let part = &answer["candidates"][0]["content"]["parts"][1]["inlineData"];
+        let png =
+            base64::engine::general_purpose::STANDARD.decode(part["data"].as_str().unwrap_or("")).unwrap_or_default();
+        (png::dimensions(&png).unwrap_or((0, 0)), answer["usageMetadata"].clone())
+    }
+
+    fn edit(images: &[(&str, Vec<u8>)], config: Value) -> Value {
+        let mut parts = vec![json!({"text": "put a hat on it"})];
+        parts.extend(images.iter().map(|(m, b)| json!({"inlineData": {"mimeType": m, "data": b64(b)}})));
+        json!({"contents": [{"role": "user", "parts": parts}], "generationConfig": {"imageConfig": config}})
+    }
+
+    #[test]
+    fn an_edit_without_a_ratio_keeps_the_first_inputs() {
+        let state = State::default();
+        let pro = "gemini-3-pro-image-preview";
+        let body = edit(&[("image/jpeg", jpeg(1920, 1080)), ("image/png", png::solid(100, 300, [1, 1, 1]))], json!({}));
+        let (status, answer) = post(&state, pro, &body);
+        assert_eq!(status, 200, "{answer}");
+        let (dims, usage) = image_of(&answer);
+        assert_eq!(dims, (1376, 768), "16:9 from the first image");
+        assert_eq!(usage["promptTokensDetails"][1], json!({"modality": "IMAGE", "tokenCount": 2240}));
+        let body = edit(&[("image/webp", webp(900, 1200))], json!({"imageSize": "2K"}));
+        assert_eq!(image_of(&post(&state, pro, &body).1).0, (1792, 2400), "3:4 at 2K");
+        // An explicit ratio wins.
+        let body = edit(&[("image/jpeg", jpeg(1920, 1080))], json!({"aspectRatio": "1:1"}));
+        assert_eq!(image_of(&post(&state, pro, &body).1).0, (1024, 1024));
+        // A generation is as before.
+        let gen = json!({"contents": [{"role": "user", "parts": [{"text": "a cat"}]}],
+                         "generationConfig": {"imageConfig": {"aspectRatio": "21:9", "imageSize": "4K"}}});
+        let (dims, usage) = image_of(&post(&state, pro, &gen).1);
+        assert_eq!(dims, (6336, 2688));
+        assert_eq!(usage["promptTokensDetails"], json!([{"modality": "TEXT", "tokenCount": 5}]));
+    }
+
+    #[test]
+    fn gemini_2_5_flash_image_makes_1k_and_takes_no_image_size() {
+        let state = State::default();
+        let flash = "gemini-2.5-flash-image";
+        let body = edit(&[("image/jpeg", jpeg(1920, 1080))], json!({}));
+        let (status, answer) = post(&state, flash, &body);
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(image_of(&answer).0, (1344, 768));
+        assert_eq!(answer["modelVersion"], flash);
+        let body = edit(&[("image/jpeg", jpeg(1920, 1080))], json!({"aspectRatio": "9:16", "imageSize": "1K"}));
+        let (status, answer) = post(&state, flash, &body);
+        assert_eq!((status, answer["error"]["status"].as_str()), (400, Some("INVALID_ARGUMENT")));
+        // The same body to Gemini 3 Pro Image is fine: answers are remembered per model.
+        assert_eq!(post(&state, "gemini-3-pro-image-preview", &body).0, 200);
+        let four: Vec<_> = (0..4).map(|_| ("image/png", png::solid(8, 8, [0, 0, 0]))).collect();
+        assert_eq!(post(&state, flash, &edit(&four, json!({}))).0, 400);
+    }
+
+    #[test]
+    fn bad_inputs_are_google_errors_and_requests_are_recorded_whole() {
+        let state = State::default();
+        let pro = "gemini-3-pro-image-preview";
+        let mut body = edit(&[("image/png", png::solid(8, 8, [0, 0, 0]))], json!({}));
+        body["contents"][0]["parts"][1]["inlineData"]["data"] = json!("%%%");
+        let (status, answer) = post(&state, pro, &body);
+        assert_eq!(status, 400);
+        assert_eq!(answer["error"]["status"], "INVALID_ARGUMENT");
+        assert_eq!(
+            answer["error"]["message"],
+            "Invalid value at 'contents[0].parts[1].inline_data.data' (TYPE_BYTES), Base64 decoding failed for \"%%%\""
+        );
+        assert_eq!(
+            answer["error"]["details"][0]["fieldViolations"][0]["field"],
+            "contents[0].parts[1].inline_data.data"
+        );
+        let jpg = jpeg(10, 10);
+        let body = edit(&[("image/png", jpg.clone())], json!({}));
+        assert_eq!(post(&state, pro, &body).0, 400);
+        // Both recorded, with the image data as sent.
+        let r = state.recorded.lock().map(|r| r.entries.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>()).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1]["body"]["contents"][0]["parts"][1]["inlineData"]["data"], b64(&jpg));
+        let empty = json!({"contents": [{"role": "user", "parts": []}]});
+        assert!(post(&state, pro, &empty).1["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("contents is not specified"));
+    }
+
+    #[test]
+    fn recording_keeps_a_bounded_number_and_size() {
+        let mut r = Recorded::default();
+        for i in 0..10 {
+            r.push(100, json!(i), 1000, 350);
+        }
+        assert_eq!(r.entries.iter().map(|(_, e)| e.as_i64().unwrap_or(-1)).collect::<Vec<_>>(), [7, 8, 9]);
+        assert_eq!(r.bytes, 300);
+        r.push(1000, json!("big"), 1000, 350);
+        assert_eq!((r.entries.len(), r.bytes), (1, 1000), "the newest is kept even alone over the budget");
+        for i in 0..5 {
+            r.push(1, json!(i), 2, 350);
+        }
+        assert_eq!(r.entries.len(), 2);
+    }
+
+    #[test]
+    fn requests_can_be_filtered_by_text_outside_image_data() {
+        assert_eq!(query_param("a=1&contains=a%20b+c%zz%4", "contains").as_deref(), Some("a b c%zz%4"));
+        assert_eq!(query_param("contains=x", "contain"), None);
+        let body = json!({"contents": [{"parts": [{"text": "a cat canary-1"}, {"inlineData": {"mimeType": "image/png", "data": "Y2FuYXJ5LTI"}}]}]});
+        assert!(value_contains(&body, "canary-1", false));
+        assert!(value_contains(&body, "image/png", false));
+        assert!(!value_contains(&body, "Y2FuYXJ5", false), "image data is not searched");
+        let state = State::default();
+        post(&state, "m", &json!({"contents": [{"parts": [{"text": "first needle-1"}]}]}));
+        post(&state, "m", &json!({"contents": [{"parts": [{"text": "second"}]}]}));
+        let get = |path: &str| {
+            let req = Request {
+                method: "GET".into(),
+                path: path.into(),
+                headers: vec![],
+                body: vec![],
+                keep_alive: true,
+                oversize: false,
+            };
+            serde_json::from_slice::<Value>(&handle(&req, &state).body).unwrap_or(Value::Null)
+        };
+        assert_eq!(get("/__fake/requests").as_array().map(Vec::len), Some(2));
+        assert_eq!(get("/__fake/requests?contains=needle-1").as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn an_oversize_body_is_googles_payload_error() {
+        let state = State::default();
+        let req = Request {
+            method: "POST".into(),
+            path: "/v1beta/models/m:generateContent".into(),
+            headers: vec![],
+            body: vec![],
+            keep_alive: false,
+            oversize: true,
+        };
+        let r = handle(&req, &state);
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        assert_eq!(
+            (r.status, v["error"]["message"].as_str()),
+            (400, Some("Request payload size exceeds the limit: 104857600 bytes."))
+        );
+    }
 }

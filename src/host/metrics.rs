@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use super::calls;
 use crate::metrics::{Counter, Histogram};
+use crate::model::Families;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -12,8 +13,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn define() -> Metrics {
-        let counters = Counter::all()
+    pub fn define(families: &Families) -> Metrics {
+        let counters = Counter::all(families)
             .into_iter()
             .filter_map(|c| Some((calls::define_counter(&c.name())?, c)))
             .map(|(id, c)| (c, id))

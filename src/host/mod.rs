@@ -97,7 +97,9 @@ impl RootContext for Root {
                 if let Some(ms) = tick_ms {
                     calls::set_tick(Duration::from_millis(ms));
                 }
-                self.host.metrics = Rc::new(Metrics::define());
+                if let Some(settings) = self.driver.settings() {
+                    self.host.metrics = Rc::new(Metrics::define(&settings.families));
+                }
                 true
             }
             Err(_) => false,
