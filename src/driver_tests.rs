@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::metrics::CacheTier;
+use crate::test_support::{error_response, ok_response};
 
 const NOW_MS: u64 = 1_000_000;
 /// The first bytes of a PNG, in base64: what an L2 entry's images must start with.
@@ -116,36 +117,6 @@ impl Host for MemoryHost {
     }
     fn observe(&mut self, histogram: Histogram, value: u64) {
         self.observed.push((histogram, value));
-    }
-}
-
-pub fn image_body(data: &str) -> Vec<u8> {
-    format!(
-        r#"{{"candidates":[{{"content":{{"parts":[{{"inlineData":{{"mimeType":"image/png","data":"{data}"}}}}]}},"finishReason":"STOP"}}],
-        "usageMetadata":{{"promptTokenCount":4,"candidatesTokenCount":10,"totalTokenCount":14}}}}"#
-    )
-    .into_bytes()
-}
-
-pub fn ok_response(data: &str) -> CallResponse {
-    CallResponse {
-        status: Some(200),
-        content_type: Some("application/json".into()),
-        body: image_body(data),
-        elapsed_ms: 5,
-        timeout_ms: 1000,
-        ..Default::default()
-    }
-}
-
-fn error_response(status: u32, gstatus: &str) -> CallResponse {
-    CallResponse {
-        status: Some(status),
-        content_type: Some("application/json".into()),
-        body: format!(r#"{{"error":{{"code":{status},"message":"m","status":"{gstatus}"}}}}"#).into_bytes(),
-        elapsed_ms: 5,
-        timeout_ms: 1000,
-        ..Default::default()
     }
 }
 

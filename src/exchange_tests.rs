@@ -7,6 +7,7 @@ use crate::config::Settings;
 use crate::endpoint::Endpoint;
 use crate::metrics::{Counter, Histogram, Outcome};
 use crate::safety::SafetyLevel;
+use crate::test_support::{error_response, ok_response};
 
 fn settings(json: &str) -> Rc<Settings> {
     let env = |k: &str| (k == "GEMINI_API_KEY").then(|| "test-key".to_string());
@@ -20,36 +21,6 @@ fn head() -> RequestHead {
         content_length: None,
         request_id: Some("req-1".into()),
         cache_control: None,
-    }
-}
-
-fn image_body(data: &str) -> Vec<u8> {
-    format!(
-        r#"{{"candidates":[{{"content":{{"parts":[{{"inlineData":{{"mimeType":"image/png","data":"{data}"}}}}]}},"finishReason":"STOP"}}],
-        "usageMetadata":{{"promptTokenCount":4,"candidatesTokenCount":10,"totalTokenCount":14}}}}"#
-    )
-    .into_bytes()
-}
-
-fn ok_response(data: &str) -> CallResponse {
-    CallResponse {
-        status: Some(200),
-        content_type: Some("application/json".into()),
-        body: image_body(data),
-        elapsed_ms: 5,
-        timeout_ms: 1000,
-        ..Default::default()
-    }
-}
-
-fn error_response(status: u32, gstatus: &str) -> CallResponse {
-    CallResponse {
-        status: Some(status),
-        content_type: Some("application/json".into()),
-        body: format!(r#"{{"error":{{"code":{status},"message":"m","status":"{gstatus}"}}}}"#).into_bytes(),
-        elapsed_ms: 5,
-        timeout_ms: 1000,
-        ..Default::default()
     }
 }
 

@@ -26,6 +26,8 @@ pub mod named;
 pub mod openai;
 pub mod request;
 pub mod safety;
+#[cfg(test)]
+mod test_support;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]
 mod host;
