@@ -35,6 +35,9 @@ pub struct LogRecord {
     pub latency_ms: u64,
     pub upstream_latency_ms: Option<u64>,
     pub upstream_status: Option<u32>,
+    /// The backend that answered (its name), and the attempts the calls took in all.
+    pub backend: Option<String>,
+    pub attempts: Option<u32>,
     pub prompt_hash: Option<String>,
     pub request_id: Option<String>,
     pub images: u32,
@@ -66,6 +69,10 @@ struct Line<'a> {
     latency_ms: u64,
     upstream_latency_ms: Option<u64>,
     upstream_status: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
     images: u32,
     failed_calls: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,6 +110,8 @@ impl LogRecord {
             latency_ms: self.latency_ms,
             upstream_latency_ms: self.upstream_latency_ms,
             upstream_status: self.upstream_status,
+            backend: self.backend.as_deref(),
+            attempts: self.attempts,
             images: self.images,
             failed_calls: self.failed_calls,
             input_tokens: self.usage.map(|u| u.input_tokens),
@@ -138,6 +147,8 @@ mod tests {
             latency_ms: 12,
             upstream_latency_ms: Some(10),
             upstream_status: Some(429),
+            backend: Some("gemini".into()),
+            attempts: Some(2),
             prompt_hash: Some("0123456789abcdef".into()),
             request_id: Some("r1".into()),
             images: 0,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::backends::{Backend, Backends, Credential, Kind, Retry};
 use crate::geometry::ImageSize;
 use crate::model::{Families, Family, ModelVariant, DEFAULT_MODEL};
 use crate::named::{named, Named};
@@ -31,6 +32,54 @@ struct RawConfig {
     styles: RawStyles,
     edits: RawEdits,
     cache: Option<RawCache>,
+    backends: Option<Vec<RawBackend>>,
+    retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: String,
+    kind: String,
+    cluster: String,
+    authority: Option<String>,
+    #[serde(default)]
+    api_key_envs: Vec<String>,
+    project: Option<String>,
+    location: Option<String>,
+    auth: Option<RawAuth>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    api_key_env: Option<String>,
+    metadata: Option<RawMetadata>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    cluster: String,
+    #[serde(default = "default_metadata_authority")]
+    authority: String,
+}
+
+fn default_metadata_authority() -> String {
+    "metadata.google.internal".into()
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetry {
+    max_attempts: u32,
+    cooldown_ms: u64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry { max_attempts: 3, cooldown_ms: 60_000 }
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -293,6 +342,8 @@ pub struct Settings {
     pub styles: Styles,
     pub edits: EditSettings,
     pub cache: Option<CacheSettings>,
+    /// Where calls go: the `backends` list, or the `gemini` section as the one backend.
+    pub backends: Backends,
     /// Things worth a warning at start-up that do not stop it (e.g. no API key).
     pub warnings: Vec<String>,
 }
@@ -313,9 +364,21 @@ impl Settings {
                 )),
             ),
         };
+        let backends = match self.backends.retry {
+            None => format!("cluster {}", self.gemini.cluster),
+            Some(r) => format!(
+                "backends {} (max {} attempts)",
+                self.backends
+                    .list
+                    .iter()
+                    .map(|b| format!("{} via {} with {} key(s)", b.name, b.cluster, b.credentials.len()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.max_attempts
+            ),
+        };
         format!(
-            "cluster {}, models {}, safety {} from {:?}, minimum {}, {}",
-            self.gemini.cluster,
+            "{backends}, models {}, safety {} from {:?}, minimum {}, {}",
             self.families.0.iter().map(|f| format!("{} -> {}", f.name, f.upstream)).collect::<Vec<_>>().join(", "),
             self.safety.default.as_str(),
             self.safety.default_source,
@@ -370,6 +433,111 @@ fn in_range<T: PartialOrd + std::fmt::Debug + std::fmt::Display>(
     } else {
         Ok(v)
     }
+}
+
+/// The backends: the list given, or the `gemini` section as the one backend (one key, no
+/// retry). Keys are read from the VM environment now; an unset one is warned about and never
+/// used.
+fn backends(
+    raw: Option<Vec<RawBackend>>,
+    retry: Option<RawRetry>,
+    gemini_cluster: &str,
+    gemini_authority: &str,
+    gemini_key_env: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Backends, ConfigError> {
+    let key = |name: &str| env(name).filter(|k| !k.trim().is_empty());
+    let Some(raw) = raw else {
+        if retry.is_some() {
+            return Err(ConfigError::Conflict(
+                "retry applies to backends: add a backends list, or remove retry".into(),
+            ));
+        }
+        let only = Backend::new(
+            "gemini".into(),
+            Kind::Gemini,
+            gemini_cluster.to_string(),
+            gemini_authority.to_string(),
+            vec![Credential::ApiKey { env: gemini_key_env.to_string(), value: key(gemini_key_env) }],
+        );
+        return Ok(Backends { list: vec![only], retry: None });
+    };
+    if raw.is_empty() {
+        return Err(invalid("backends", "[]", "at least one backend"));
+    }
+    let retry = retry.unwrap_or_default();
+    in_range("retry.max_attempts", retry.max_attempts, 1, 10)?;
+    in_range("retry.cooldown_ms", retry.cooldown_ms, 1, 86_400_000)?;
+    let mut list = Vec::new();
+    for (i, b) in raw.into_iter().enumerate() {
+        let at = format!("backends[{i}]");
+        if b.name.is_empty() || !b.name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_".contains(&c)) {
+            return Err(invalid(format!("{at}.name"), &b.name, "letters, digits, '-' and '_'"));
+        }
+        if list.iter().any(|x: &Backend| x.name == b.name) {
+            return Err(invalid(format!("{at}.name"), &b.name, "a name no other backend has"));
+        }
+        non_empty(&format!("{at}.cluster"), &b.cluster)?;
+        let (kind, authority, credentials) = match b.kind.as_str() {
+            "gemini" => {
+                if b.project.is_some() || b.location.is_some() || b.auth.is_some() {
+                    return Err(invalid(at.clone(), "project/location/auth", "api_key_envs only, for kind gemini"));
+                }
+                if b.api_key_envs.is_empty() {
+                    return Err(invalid(format!("{at}.api_key_envs"), "[]", "one or more environment variable names"));
+                }
+                let creds =
+                    b.api_key_envs.iter().map(|e| Credential::ApiKey { env: e.clone(), value: key(e) }).collect();
+                (Kind::Gemini, b.authority.unwrap_or_else(|| "generativelanguage.googleapis.com".into()), creds)
+            }
+            "vertex" => {
+                let project = b
+                    .project
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| invalid(format!("{at}.project"), "none", "the Google Cloud project"))?;
+                let location = b.location.unwrap_or_else(|| "global".into());
+                for (field, v) in [("project", &project), ("location", &location)] {
+                    if !v.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+                        return Err(invalid(format!("{at}.{field}"), v, "letters, digits and '-'"));
+                    }
+                }
+                if !b.api_key_envs.is_empty() {
+                    return Err(invalid(format!("{at}.api_key_envs"), "set", "auth.api_key_env for kind vertex"));
+                }
+                let cred = match b.auth {
+                    Some(RawAuth { api_key_env: Some(e), metadata: None }) => {
+                        Credential::ApiKey { value: key(&e), env: e }
+                    }
+                    Some(RawAuth { api_key_env: None, metadata: Some(m) }) => {
+                        non_empty(&format!("{at}.auth.metadata.cluster"), &m.cluster)?;
+                        Credential::MetadataToken { cluster: m.cluster, authority: m.authority }
+                    }
+                    _ => {
+                        return Err(invalid(
+                            format!("{at}.auth"),
+                            "missing or both",
+                            "either {\"api_key_env\": NAME} or {\"metadata\": {\"cluster\": ...}}",
+                        ))
+                    }
+                };
+                let authority = b.authority.unwrap_or_else(|| Backend::vertex_authority(&location));
+                (Kind::Vertex { project, location }, authority, vec![cred])
+            }
+            other => return Err(invalid(format!("{at}.kind"), other, "gemini or vertex")),
+        };
+        non_empty(&format!("{at}.authority"), &authority)?;
+        for c in &credentials {
+            if let Credential::ApiKey { env, value: None } = c {
+                warnings.push(format!(
+                    "backend {}: environment variable {env} is not set in the wasm VM; that key is never used",
+                    b.name
+                ));
+            }
+        }
+        list.push(Backend::new(b.name, kind, b.cluster, authority, credentials));
+    }
+    Ok(Backends { list, retry: Some(Retry { max_attempts: retry.max_attempts, cooldown_ms: retry.cooldown_ms }) })
 }
 
 /// A Gemini model id as it goes into the path.
@@ -498,6 +666,7 @@ impl Settings {
             ));
         }
 
+        let backends = backends(raw.backends, raw.retry, &g.cluster, &g.authority, &g.api_key_env, env, &mut warnings)?;
         let families = families(raw.models.families, g.model.as_deref())?;
         let mut aliases = BTreeMap::new();
         for (alias, target) in raw.models.aliases {
@@ -597,6 +766,7 @@ impl Settings {
                 },
             },
             families,
+            backends,
             cache,
             warnings,
         })

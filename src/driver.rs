@@ -13,13 +13,17 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::access_log::LogLevel;
+use crate::backends::{self, Attempts, Cooldown, Credential, KeyRef, Next, Pick, Token};
 use crate::cache;
 use crate::config::{ConfigError, Settings};
 use crate::endpoint::Endpoint;
+use crate::error::{ApiError, ErrorCode};
+use crate::exchange::CallMeta;
 use crate::exchange::{Effect, Exchange, HttpCall, Reply, RequestHead};
 use crate::gemini::CallResponse;
+use crate::gemini::{self, CallOutcome};
 use crate::hot::HotSet;
-use crate::metrics::{Counter, Histogram};
+use crate::metrics::{AttemptOutcome, Counter, Gauge, Histogram};
 
 /// What the filter can ask of Envoy. Each method is one host call; none may panic.
 pub trait Host {
@@ -39,9 +43,15 @@ pub trait Host {
     fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
     /// False when the host refused the write.
     fn shared_set(&mut self, key: &str, value: &[u8]) -> bool;
+    /// A shared-data value with its version, for a compare-and-swap.
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes only if the value is still at version `cas` (`None`: whatever it is); false when
+    /// it changed meanwhile or the host refused.
+    fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
     fn log(&mut self, level: LogLevel, message: &str);
     fn count(&mut self, counter: &Counter, by: u64);
     fn observe(&mut self, histogram: Histogram, value: u64);
+    fn gauge(&mut self, gauge: &Gauge, value: u64);
 }
 
 /// What to tell Envoy at the end of a request callback.
@@ -98,6 +108,8 @@ impl Budget {
 pub struct Worker {
     pub hot: HotSet,
     pub budget: Budget,
+    /// Per backend, the key whose turn is next (keys take turns within this worker).
+    turns: Vec<usize>,
     writes: VecDeque<HttpCall>,
     writes_in_flight: Vec<u32>,
 }
@@ -107,6 +119,7 @@ impl Worker {
         Worker {
             hot: HotSet::new(hot_bytes),
             budget: Budget { max_requests, max_bytes, ..Budget::default() },
+            turns: Vec::new(),
             writes: VecDeque::new(),
             writes_in_flight: Vec::new(),
         }
@@ -131,20 +144,41 @@ impl Worker {
 pub struct WorkerDriver {
     settings: Option<Rc<Settings>>,
     worker: Rc<RefCell<Worker>>,
+    /// Metadata token fetches this worker has in flight: call-out token and backend.
+    token_fetches: Vec<(u32, usize)>,
+    /// Per backend: when this worker may try a failed token fetch again, and the delay after
+    /// the next failure.
+    token_backoff: Vec<(u64, u64)>,
+    /// Per backend: when this worker last logged a token failure (at most one line in 30 s).
+    token_warned_ms: Vec<u64>,
 }
 
 /// How often the root context sends queued cache writes, when L2 is on.
 pub const WRITE_TICK_MS: u64 = 50;
+/// How often the root context looks after metadata tokens, when a backend uses them.
+pub const TOKEN_TICK_MS: u64 = 1000;
+/// A token fetch that fails is tried again after this, doubling up to `TOKEN_BACKOFF_MAX_MS`.
+const TOKEN_BACKOFF_MS: u64 = 1000;
+const TOKEN_BACKOFF_MAX_MS: u64 = 60_000;
+/// How long one worker's claim to fetch a token keeps the others from fetching too.
+const TOKEN_LEASE_MS: u64 = 15_000;
 
 impl Default for WorkerDriver {
     fn default() -> Self {
-        WorkerDriver { settings: None, worker: Rc::new(RefCell::new(Worker::new(0, 0, 0))) }
+        WorkerDriver {
+            settings: None,
+            worker: Rc::new(RefCell::new(Worker::new(0, 0, 0))),
+            token_fetches: Vec::new(),
+            token_backoff: Vec::new(),
+            token_warned_ms: Vec::new(),
+        }
     }
 }
 
 impl WorkerDriver {
     /// Reads the plugin configuration; an error refuses it (Envoy then rejects the config), and
-    /// the log says why. On success, returns the tick period the root needs (`Some` when there is an L2 to write to).
+    /// the log says why. On success, returns the tick period the root needs: 50 ms with an L2
+    /// to write to, 1 s with a metadata token to look after, none otherwise.
     pub fn configure(
         &mut self,
         host: &mut dyn Host,
@@ -158,13 +192,23 @@ impl WorkerDriver {
                 }
                 host.log(LogLevel::Info, &format!("gemini-image-filter: configured ({})", settings.summary()));
                 let l1 = settings.cache.as_ref().and_then(|c| c.l1.as_ref());
-                let tick = settings.cache.as_ref().and_then(|c| c.l2.as_ref()).map(|_| WRITE_TICK_MS);
+                let writes = settings.cache.as_ref().and_then(|c| c.l2.as_ref()).map(|_| WRITE_TICK_MS);
+                let tokens = metadata_backends(&settings).next().map(|_| TOKEN_TICK_MS);
+                let tick = match (writes, tokens) {
+                    (Some(w), Some(t)) => Some(w.min(t)),
+                    (w, t) => w.or(t),
+                };
                 let limits = &settings.limits;
-                self.worker = Rc::new(RefCell::new(Worker::new(
+                let mut worker = Worker::new(
                     l1.map_or(0, |l1| l1.hot_bytes),
                     limits.max_inflight_requests,
                     limits.max_inflight_bytes,
-                )));
+                );
+                let count = settings.backends.list.len();
+                worker.turns = vec![0; count];
+                self.worker = Rc::new(RefCell::new(worker));
+                self.token_backoff = vec![(0, TOKEN_BACKOFF_MS); count];
+                self.token_warned_ms = vec![0; count];
                 self.settings = Some(Rc::new(settings));
                 Ok(tick)
             }
@@ -188,19 +232,90 @@ impl WorkerDriver {
         Some(StreamDriver::new(self.settings.clone()?, self.worker.clone()))
     }
 
-    /// Sends the queued cache writes.
+    /// Sends the queued cache writes, and fetches metadata tokens that are missing or due.
     pub fn on_tick(&mut self, host: &mut dyn Host) {
-        let Ok(mut worker) = self.worker.try_borrow_mut() else { return };
-        while let Some(call) = worker.writes.pop_front() {
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            while let Some(call) = worker.writes.pop_front() {
+                match host.dispatch(&call) {
+                    Ok(token) => worker.writes_in_flight.push(token),
+                    Err(_) => host.count(&Counter::CacheL2Errors, 1),
+                }
+            }
+        }
+        self.look_after_tokens(host);
+    }
+
+    /// For each backend that authenticates with the metadata server: the token's age as a
+    /// gauge, and a fetch when there is no token or it is due for refresh. One worker fetches
+    /// at a time (a lease in shared data, taken by compare-and-swap); the token goes into
+    /// shared data for every worker.
+    fn look_after_tokens(&mut self, host: &mut dyn Host) {
+        let Some(settings) = self.settings.clone() else { return };
+        let now = host.now_ms();
+        for (b, name, cluster, authority) in metadata_backends(&settings) {
+            let token = host.shared_get(&backends::token_key(&settings.backends, b)).and_then(|v| Token::decode(&v));
+            let age = token.as_ref().map_or(0, |t| now.saturating_sub(t.fetched_at_ms) / 1000);
+            host.gauge(&Gauge::TokenAgeSeconds(name.to_string()), age);
+            let due = token.as_ref().is_none_or(|t| t.refresh_due(now));
+            let fetching = self.token_fetches.iter().any(|(_, x)| *x == b);
+            let backoff_until = self.token_backoff.get(b).map_or(0, |(until, _)| *until);
+            if !due || fetching || now < backoff_until {
+                continue;
+            }
+            let lease_key = format!("{}.lease", backends::token_key(&settings.backends, b));
+            let (lease, cas) = host.shared_get_cas(&lease_key);
+            let held_until = lease.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok()).unwrap_or(0);
+            if held_until > now || !host.shared_set_cas(&lease_key, (now + TOKEN_LEASE_MS).to_string().as_bytes(), cas)
+            {
+                continue; // another worker is fetching it
+            }
+            let call = HttpCall {
+                cluster: cluster.to_string(),
+                headers: vec![
+                    (":method".into(), "GET".into()),
+                    (":path".into(), backends::METADATA_TOKEN_PATH.into()),
+                    (":authority".into(), authority.to_string()),
+                    ("metadata-flavor".into(), "Google".into()),
+                ],
+                body: Rc::new(Vec::new()),
+                timeout_ms: 5_000,
+            };
             match host.dispatch(&call) {
-                Ok(token) => worker.writes_in_flight.push(token),
-                Err(_) => host.count(&Counter::CacheL2Errors, 1),
+                Ok(token) => self.token_fetches.push((token, b)),
+                Err(why) => self.token_failed(host, b, name, &format!("the call could not be made ({why})"), now),
             }
         }
     }
 
-    /// A cache write answered: anything but a 2xx is an L2 error.
-    pub fn on_call_response(&mut self, host: &mut dyn Host, token: u32, num_headers: usize) {
+    fn token_failed(&mut self, host: &mut dyn Host, b: usize, name: &str, why: &str, now: u64) {
+        host.count(&Counter::TokenFetches(name.to_string(), false), 1);
+        if let Some(settings) = &self.settings {
+            host.shared_set(&format!("{}.lease", backends::token_key(&settings.backends, b)), b"0");
+        }
+        if let Some((until, delay)) = self.token_backoff.get_mut(b) {
+            *until = now + *delay;
+            *delay = (*delay * 2).min(TOKEN_BACKOFF_MAX_MS);
+        }
+        let warned = self.token_warned_ms.get(b).copied().unwrap_or(0);
+        if warned == 0 || now.saturating_sub(warned) >= 30_000 {
+            host.log(
+                LogLevel::Warn,
+                &format!("gemini-image-filter: backend {name}: no access token from the metadata server: {why}"),
+            );
+            if let Some(w) = self.token_warned_ms.get_mut(b) {
+                *w = now;
+            }
+        }
+    }
+
+    /// A call-out of the root answered: a cache write (anything but a 2xx is an L2 error) or
+    /// a metadata token fetch.
+    pub fn on_call_response(&mut self, host: &mut dyn Host, token: u32, num_headers: usize, body_size: usize) {
+        if let Some(pos) = self.token_fetches.iter().position(|(t, _)| *t == token) {
+            let (_, b) = self.token_fetches.swap_remove(pos);
+            self.token_answered(host, b, num_headers, body_size);
+            return;
+        }
         let Ok(mut worker) = self.worker.try_borrow_mut() else { return };
         let Some(pos) = worker.writes_in_flight.iter().position(|t| *t == token) else { return };
         worker.writes_in_flight.swap_remove(pos);
@@ -209,6 +324,47 @@ impl WorkerDriver {
             host.count(&Counter::CacheL2Errors, 1);
         }
     }
+
+    fn token_answered(&mut self, host: &mut dyn Host, b: usize, num_headers: usize, body_size: usize) {
+        let Some(settings) = self.settings.clone() else { return };
+        let Some(name) = settings.backends.list.get(b).map(|x| x.name.clone()) else { return };
+        let now = host.now_ms();
+        let status = if num_headers > 0 { call_status(host) } else { None };
+        let token = match status {
+            Some(200) => backends::read_token_answer(&host.call_response_body(body_size.min(64 * 1024)), now),
+            _ => None,
+        };
+        match token {
+            Some(token) => {
+                host.shared_set(&backends::token_key(&settings.backends, b), &token.encode());
+                host.shared_set(&format!("{}.lease", backends::token_key(&settings.backends, b)), b"0");
+                host.count(&Counter::TokenFetches(name, true), 1);
+                if let Some(backoff) = self.token_backoff.get_mut(b) {
+                    *backoff = (0, TOKEN_BACKOFF_MS);
+                }
+            }
+            None => {
+                let why = match status {
+                    None => "no answer (connection failed or timed out)".to_string(),
+                    Some(200) => "an answer that is not a token".to_string(),
+                    Some(s) => format!("status {s}"),
+                };
+                self.token_failed(host, b, &name, &why, now);
+            }
+        }
+    }
+}
+
+/// The backends that take a metadata-server token: index, name, metadata cluster, authority.
+fn metadata_backends(settings: &Settings) -> impl Iterator<Item = (usize, &str, &str, &str)> {
+    settings.backends.list.iter().enumerate().filter_map(|(i, b)| {
+        b.credentials.iter().find_map(|c| match c {
+            Credential::MetadataToken { cluster, authority } => {
+                Some((i, b.name.as_str(), cluster.as_str(), authority.as_str()))
+            }
+            Credential::ApiKey { .. } => None,
+        })
+    })
 }
 
 fn call_status(host: &dyn Host) -> Option<u32> {
@@ -216,13 +372,25 @@ fn call_status(host: &dyn Host) -> Option<u32> {
 }
 
 /// What a call-out in flight is for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum CallKind {
-    /// Gemini call `index` of `n`.
-    Gemini(u32),
+    /// An attempt of Gemini call `index` of `n`, with key `key`.
+    Gemini { index: u32, key: KeyRef, attempts: Attempts },
     /// The L2 lookup.
     CacheGet,
 }
+
+/// What every attempt of a request's Gemini calls sends.
+#[derive(Clone)]
+struct CallPlan {
+    body: Rc<Vec<u8>>,
+    upstream: String,
+    reserved_bytes: u64,
+    deadline_ms: u64,
+}
+
+/// An attempt is not started with less time than this left before the request's deadline.
+const MIN_ATTEMPT_MS: u64 = 250;
 
 struct PendingCall {
     token: u32,
@@ -243,11 +411,13 @@ pub struct StreamDriver {
     replied: bool,
     /// Bytes this request holds in the worker's budget, once admitted.
     held: Option<u64>,
+    /// Its Gemini calls, once they start.
+    plan: Option<CallPlan>,
 }
 
 impl StreamDriver {
     pub fn new(settings: Rc<Settings>, worker: Rc<RefCell<Worker>>) -> StreamDriver {
-        StreamDriver { settings, worker, exchange: None, pending: Vec::new(), replied: false, held: None }
+        StreamDriver { settings, worker, exchange: None, pending: Vec::new(), replied: false, held: None, plan: None }
     }
 
     /// Gives the request's share of the budget back, once.
@@ -330,6 +500,10 @@ impl StreamDriver {
         let fits = matches!(call.kind, CallKind::CacheGet) || extra == 0 || self.grow(extra);
         let refused_bytes = (status.is_some() && !fits).then_some(body_size);
         let body = if status.is_some() && fits { host.call_response_body(body_size) } else { Vec::new() };
+        let retry_after_s = status
+            .filter(|s| *s == 429)
+            .and_then(|_| host.call_response_header("retry-after"))
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let response = CallResponse {
             refused_bytes,
             status,
@@ -337,10 +511,133 @@ impl StreamDriver {
             body,
             elapsed_ms: now.saturating_sub(call.sent_ms),
             timeout_ms: call.timeout_ms,
+            retry_after_s,
         };
         match call.kind {
-            CallKind::Gemini(index) => self.feed(host, |ex| ex.on_call_response(index, response, now)),
+            CallKind::Gemini { index, key, attempts } => {
+                let effects = self.answered(host, index, key, attempts, response);
+                self.run(host, effects);
+            }
             CallKind::CacheGet => self.feed(host, |ex| ex.on_l2_response(response, now)),
+        }
+    }
+
+    /// An attempt answered: the call's outcome, or another attempt on the next key or backend.
+    fn answered(
+        &mut self,
+        host: &mut dyn Host,
+        index: u32,
+        key: KeyRef,
+        mut attempts: Attempts,
+        response: CallResponse,
+    ) -> Vec<Effect> {
+        let now = host.now_ms();
+        let elapsed = response.elapsed_ms;
+        let outcome = gemini::read_call(response);
+        let settings = self.settings.clone();
+        let backend_name = settings.backends.list.get(key.backend).map_or("", |b| b.name.as_str());
+        host.observe(Histogram::UpstreamLatencyMs, elapsed);
+        host.count(&Counter::UpstreamAttempts(backend_name.to_string(), key.key, AttemptOutcome::of(&outcome)), 1);
+        let Some(retry) = settings.backends.retry else {
+            return self.call_done(index, outcome, &attempts, now); // one backend, one try
+        };
+        match backends::next_after(&outcome) {
+            Next::Final => self.call_done(index, outcome, &attempts, now),
+            Next::Cool(reason) => {
+                let retry_after = outcome.result.as_ref().err().and_then(|e| e.retry_after);
+                let cooldown = backends::cooldown_for(reason, retry_after, &retry, now);
+                host.shared_set(&backends::cooldown_key(&settings.backends, key), &cooldown.encode());
+                host.count(&Counter::KeyCooldowns(backend_name.to_string(), key.key), 1);
+                self.attempt(host, index, attempts, Some(outcome))
+            }
+            Next::NextBackend => {
+                attempts.skipped_backends.push(key.backend);
+                self.attempt(host, index, attempts, Some(outcome))
+            }
+        }
+    }
+
+    /// Starts the next attempt of call `index`: the first usable key in backend order, within
+    /// `retry.max_attempts` and the request's deadline. With none left, the call's outcome is
+    /// the last answer (after a 5xx or network failure), else 429 or 502 as `none_left` says.
+    fn attempt(
+        &mut self,
+        host: &mut dyn Host,
+        index: u32,
+        mut attempts: Attempts,
+        mut last: Option<CallOutcome>,
+    ) -> Vec<Effect> {
+        let Some(plan) = self.plan.clone() else { return Vec::new() };
+        let settings = self.settings.clone();
+        let backends = &settings.backends;
+        let max = backends.retry.map_or(1, |r| r.max_attempts);
+        loop {
+            let now = host.now_ms();
+            let remaining = plan.deadline_ms.saturating_sub(now);
+            if attempts.count >= max || (attempts.count > 0 && remaining < MIN_ATTEMPT_MS) {
+                let outcome = last.unwrap_or_else(|| failed(ApiError::timed_out("Gemini did not answer in time")));
+                return self.call_done(index, outcome, &attempts, now);
+            }
+            let picked = {
+                let reader: &dyn Host = host;
+                let mut cooldown = |k: KeyRef| {
+                    reader.shared_get(&backends::cooldown_key(backends, k)).and_then(|v| Cooldown::decode(&v))
+                };
+                let ready = |k: KeyRef| credential_ready(&settings, reader, k, now);
+                match self.worker.try_borrow_mut() {
+                    Ok(mut w) => backends::pick(backends, &attempts, &mut cooldown, &ready, &mut w.turns, now),
+                    Err(_) => backends::pick(backends, &attempts, &mut cooldown, &ready, &mut [], now),
+                }
+            };
+            let key = match picked {
+                Pick::Use(key) => key,
+                Pick::NoneLeft => {
+                    let outcome = match last {
+                        Some(o) if backends.retry.is_none() || backends::next_after(&o) == Next::NextBackend => o,
+                        _ => {
+                            let reader: &dyn Host = host;
+                            let mut cooldown = |k: KeyRef| {
+                                reader
+                                    .shared_get(&backends::cooldown_key(backends, k))
+                                    .and_then(|v| Cooldown::decode(&v))
+                            };
+                            failed(backends::none_left(backends, &mut cooldown, now))
+                        }
+                    };
+                    return self.call_done(index, outcome, &attempts, now);
+                }
+            };
+            attempts.count += 1;
+            attempts.tried.push(key);
+            let call = gemini_call(&settings, host, key, &plan, remaining.min(settings.gemini.timeout_ms));
+            match host.dispatch(&call) {
+                Ok(token) => {
+                    self.pending.push(PendingCall {
+                        token,
+                        kind: CallKind::Gemini { index, key, attempts },
+                        sent_ms: now,
+                        timeout_ms: call.timeout_ms,
+                        reserved_bytes: plan.reserved_bytes,
+                    });
+                    return Vec::new();
+                }
+                Err(why) => {
+                    // The operator's log gets the reason; the client a plain 500 if nothing
+                    // else answers.
+                    host.log(LogLevel::Error, &format!("gemini-image-filter: Gemini call not dispatched: {why}"));
+                    attempts.skipped_backends.push(key.backend);
+                    last = Some(failed(ApiError::new(ErrorCode::InternalError, "the gateway could not call Gemini")));
+                }
+            }
+        }
+    }
+
+    /// Call `index` has its final outcome.
+    fn call_done(&mut self, index: u32, outcome: CallOutcome, attempts: &Attempts, now: u64) -> Vec<Effect> {
+        let meta = CallMeta { backend: attempts.tried.last().map_or(0, |k| k.backend), attempts: attempts.count };
+        match self.exchange.as_mut() {
+            Some(ex) => ex.on_call_outcome(index, outcome, meta, now),
+            None => Vec::new(),
         }
     }
 
@@ -388,6 +685,14 @@ impl StreamDriver {
     }
 
     fn carry_out(&mut self, host: &mut dyn Host, effect: Effect) -> Vec<Effect> {
+        if let Effect::CallGemini { count, body, upstream, reserved_bytes, deadline_ms } = effect {
+            self.plan = Some(CallPlan { body, upstream, reserved_bytes, deadline_ms });
+            let mut more = Vec::new();
+            for index in 0..count {
+                more.extend(self.attempt(host, index, Attempts::default(), None));
+            }
+            return more;
+        }
         let Some(ex) = self.exchange.as_mut() else { return Vec::new() };
         match effect {
             Effect::Admit { bytes } => {
@@ -397,30 +702,7 @@ impl StreamDriver {
                 }
                 ex.on_admission(granted, host.now_ms())
             }
-            Effect::CallGemini { count, call, reserved_bytes } => {
-                let mut more = Vec::new();
-                for index in 0..count {
-                    let sent_ms = host.now_ms();
-                    match host.dispatch(&call) {
-                        Ok(token) => self.pending.push(PendingCall {
-                            token,
-                            kind: CallKind::Gemini(index),
-                            sent_ms,
-                            timeout_ms: call.timeout_ms,
-                            reserved_bytes,
-                        }),
-                        Err(why) => {
-                            // The operator's log gets the reason; the client a plain 500.
-                            host.log(
-                                LogLevel::Error,
-                                &format!("gemini-image-filter: Gemini call not dispatched: {why}"),
-                            );
-                            more.extend(ex.on_call_not_dispatched(index, host.now_ms()));
-                        }
-                    }
-                }
-                more
-            }
+            Effect::CallGemini { .. } => Vec::new(), // carried out above
             Effect::LookupL1 { key, max_entries, format } => {
                 let now = host.now_ms();
                 let hot = self.worker.try_borrow_mut().ok().and_then(|mut w| w.hot.get(&key.key, format, now / 1000));
@@ -492,6 +774,57 @@ impl StreamDriver {
                 Vec::new()
             }
         }
+    }
+}
+
+/// An outcome that is an error the gateway made up (no key left, no call made).
+fn failed(e: ApiError) -> CallOutcome {
+    CallOutcome { upstream_status: 0, result: Err(e), usage: None }
+}
+
+/// Whether key `k` can be used now: an API key that is set (or, with the one default backend,
+/// any: the call then goes out without a key, as configured), or a metadata token in shared
+/// data that has not expired.
+fn credential_ready(settings: &Settings, host: &dyn Host, k: KeyRef, now: u64) -> bool {
+    let Some(cred) = settings.backends.list.get(k.backend).and_then(|b| b.credentials.get(k.key)) else {
+        return false;
+    };
+    match cred {
+        Credential::ApiKey { value, .. } => value.is_some() || settings.backends.retry.is_none(),
+        Credential::MetadataToken { .. } => host
+            .shared_get(&backends::token_key(&settings.backends, k.backend))
+            .and_then(|v| Token::decode(&v))
+            .is_some_and(|t| t.usable(now)),
+    }
+}
+
+/// The call-out of one attempt: the backend's cluster, authority and path, and the key's
+/// credential.
+fn gemini_call(settings: &Settings, host: &dyn Host, k: KeyRef, plan: &CallPlan, timeout_ms: u64) -> HttpCall {
+    let backend = settings.backends.list.get(k.backend);
+    let mut headers = vec![
+        (":method".to_string(), "POST".to_string()),
+        (":path".to_string(), backend.map(|b| b.path(&plan.upstream)).unwrap_or_default()),
+        (":authority".to_string(), backend.map(|b| b.authority.clone()).unwrap_or_default()),
+        ("content-type".to_string(), "application/json".to_string()),
+        ("x-goog-api-client".to_string(), concat!("gemini-image-filter/", env!("CARGO_PKG_VERSION")).to_string()),
+    ];
+    match backend.and_then(|b| b.credentials.get(k.key)) {
+        Some(Credential::ApiKey { value: Some(key), .. }) => headers.push(("x-goog-api-key".to_string(), key.clone())),
+        Some(Credential::MetadataToken { .. }) => {
+            if let Some(t) =
+                host.shared_get(&backends::token_key(&settings.backends, k.backend)).and_then(|v| Token::decode(&v))
+            {
+                headers.push(("authorization".to_string(), format!("Bearer {}", t.value)));
+            }
+        }
+        _ => {}
+    }
+    HttpCall {
+        cluster: backend.map(|b| b.cluster.clone()).unwrap_or_default(),
+        headers,
+        body: plan.body.clone(),
+        timeout_ms,
     }
 }
 

@@ -7,7 +7,8 @@ use std::rc::Rc;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::metrics::CacheTier;
+use crate::backends::{Cooldown, KeyRef};
+use crate::metrics::{AttemptOutcome, CacheTier};
 use crate::test_support::{error_response, ok_response};
 
 const NOW_MS: u64 = 1_000_000;
@@ -31,12 +32,17 @@ pub struct MemoryHost {
     /// Clusters the host refuses to call.
     pub refused_clusters: Vec<String>,
     pub shared: HashMap<String, Vec<u8>>,
+    /// Each shared-data key's version, for compare-and-swap.
+    pub shared_cas: HashMap<String, u32>,
     /// Shared-data keys the host refuses to write.
     pub refused_shared_keys: Vec<String>,
     pub replies: Vec<Reply>,
     pub logs: Vec<(LogLevel, String)>,
     pub counters: HashMap<Counter, u64>,
     pub observed: Vec<(Histogram, u64)>,
+    pub gauges: HashMap<Gauge, u64>,
+    /// The clock; tests move it.
+    pub now: u64,
 }
 
 impl MemoryHost {
@@ -53,6 +59,9 @@ impl MemoryHost {
                 self.call_headers.push((":status".into(), status.to_string()));
                 if let Some(ct) = &response.content_type {
                     self.call_headers.push(("content-type".into(), ct.clone()));
+                }
+                if let Some(s) = response.retry_after_s {
+                    self.call_headers.push(("retry-after".into(), s.to_string()));
                 }
                 self.call_body = response.body.clone();
                 (self.call_headers.len(), self.call_body.len())
@@ -72,7 +81,11 @@ impl MemoryHost {
 
 impl Host for MemoryHost {
     fn now_ms(&self) -> u64 {
-        NOW_MS
+        if self.now == 0 {
+            NOW_MS
+        } else {
+            self.now
+        }
     }
     fn request_header(&self, name: &str) -> Option<String> {
         self.header_reads.borrow_mut().push(name.to_string());
@@ -107,7 +120,17 @@ impl Host for MemoryHost {
             return false;
         }
         self.shared.insert(key.to_string(), value.to_vec());
+        *self.shared_cas.entry(key.to_string()).or_default() += 1;
         true
+    }
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        (self.shared.get(key).cloned(), self.shared_cas.get(key).copied())
+    }
+    fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        if cas.is_some() && cas != self.shared_cas.get(key).copied() {
+            return false;
+        }
+        self.shared_set(key, value)
     }
     fn log(&mut self, level: LogLevel, message: &str) {
         self.logs.push((level, message.to_string()));
@@ -118,7 +141,13 @@ impl Host for MemoryHost {
     fn observe(&mut self, histogram: Histogram, value: u64) {
         self.observed.push((histogram, value));
     }
+    fn gauge(&mut self, gauge: &Gauge, value: u64) {
+        self.gauges.insert(gauge.clone(), value);
+    }
 }
+
+/// Answers a call-out by what it carries.
+type Answer = Box<dyn FnMut(&HttpCall) -> CallResponse>;
 
 /// One worker: a root driver configured with `config`, a memory host, and answers for the
 /// Gemini and cache-service clusters.
@@ -131,6 +160,13 @@ struct Gateway {
     l2_put_status: Option<u32>,
     gemini_calls: u32,
     l2_writes: Vec<HttpCall>,
+    /// Answers Gemini calls by what they carry (backend, key), when set; else `gemini`.
+    upstream: Option<Answer>,
+    /// Every Gemini call made, in order.
+    upstream_calls: Vec<HttpCall>,
+    /// Answers the metadata server's token calls.
+    metadata: Box<dyn FnMut() -> CallResponse>,
+    token_fetches: Vec<HttpCall>,
 }
 
 const CACHED: &str = r#"{"cache": {"ttl_seconds": 60, "l1": {"max_entries": 4, "max_entry_bytes": 100000}, "l2": {}}}"#;
@@ -139,6 +175,7 @@ fn env(k: &str) -> Option<String> {
     match k {
         "GEMINI_API_KEY" => Some("test-key".to_string()),
         "IMAGE_CACHE_TOKEN" => Some("s3cret".to_string()),
+        "K1" | "K2" | "VK" => Some(format!("key-{k}")),
         _ => None,
     }
 }
@@ -156,6 +193,15 @@ impl Gateway {
             l2_put_status: Some(201),
             gemini_calls: 0,
             l2_writes: Vec::new(),
+            upstream: None,
+            upstream_calls: Vec::new(),
+            metadata: Box::new(|| CallResponse {
+                status: Some(200),
+                content_type: Some("application/json".into()),
+                body: br#"{"access_token":"ya29.token-1","expires_in":3599,"token_type":"Bearer"}"#.to_vec(),
+                ..Default::default()
+            }),
+            token_fetches: Vec::new(),
         }
     }
 
@@ -171,11 +217,15 @@ impl Gateway {
                 break;
             }
             for (token, call) in pending {
-                let response = if call.cluster == "gemini" {
-                    self.gemini_calls += 1;
-                    (self.gemini)()
-                } else {
+                let response = if call.cluster == "image_cache" {
                     (self.l2)(&call)
+                } else {
+                    self.gemini_calls += 1;
+                    self.upstream_calls.push(call.clone());
+                    match self.upstream.as_mut() {
+                        Some(answer) => answer(&call),
+                        None => (self.gemini)(),
+                    }
                 };
                 let (headers, size) = self.host.deliver(&response);
                 stream.on_call_response(&mut self.host, token, headers, size);
@@ -187,10 +237,15 @@ impl Gateway {
     fn tick(&mut self) {
         self.root.on_tick(&mut self.host);
         for (token, call) in std::mem::take(&mut self.host.dispatched) {
-            let status = self.l2_put_status;
-            self.l2_writes.push(call);
-            let (headers, _) = self.host.deliver(&CallResponse { status, ..Default::default() });
-            self.root.on_call_response(&mut self.host, token, headers);
+            let response = if call.cluster == "metadata" {
+                self.token_fetches.push(call.clone());
+                (self.metadata)()
+            } else {
+                self.l2_writes.push(call);
+                CallResponse { status: self.l2_put_status, ..Default::default() }
+            };
+            let (headers, size) = self.host.deliver(&response);
+            self.root.on_call_response(&mut self.host, token, headers, size);
         }
     }
 
@@ -768,4 +823,256 @@ fn a_stream_that_vanishes_gives_its_budget_back() {
     let mut abandoned = gw.send(br#"{"prompt": "abandoned"}"#);
     abandoned.on_log(&mut gw.host);
     assert_eq!(gw.worker().borrow().budget.requests, 0);
+}
+
+// ---- backends, keys, cool-downs and retries ----
+
+const TWO_KEYS_AND_VERTEX: &str = r#"{"backends": [
+    {"name": "studio", "kind": "gemini", "cluster": "gemini", "api_key_envs": ["K1", "K2"]},
+    {"name": "vertex", "kind": "vertex", "cluster": "vertex", "project": "proj", "location": "us-central1",
+     "auth": {"api_key_env": "VK"}}],
+  "retry": {"max_attempts": 3, "cooldown_ms": 60000}}"#;
+
+fn header<'a>(call: &'a HttpCall, name: &str) -> Option<&'a str> {
+    call.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn quota(retry_after_s: Option<u64>) -> CallResponse {
+    CallResponse { retry_after_s, ..error_response(429, "RESOURCE_EXHAUSTED") }
+}
+
+/// Answers each call by its key: `bad` keys get `failure`, the others an image.
+fn by_key(bad: &'static [&'static str], failure: CallResponse) -> Answer {
+    Box::new(move |call| {
+        let key = header(call, "x-goog-api-key").unwrap_or("");
+        if bad.contains(&key) {
+            failure.clone()
+        } else {
+            ok_response(PNG)
+        }
+    })
+}
+
+#[test]
+fn the_one_default_backend_sends_what_it_always_sent_and_never_retries() {
+    let mut gw = Gateway::new("{}");
+    gw.upstream = Some(Box::new(|_| quota(Some(9))));
+    let r = gw.request(json!({"prompt": "p", "n": 2}), None);
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("9")));
+    assert_eq!(gw.upstream_calls.len(), 2, "one attempt per call");
+    let call = &gw.upstream_calls[0];
+    assert_eq!(call.cluster, "gemini");
+    assert_eq!(header(call, ":path"), Some("/v1beta/models/gemini-3-pro-image-preview:generateContent"));
+    assert_eq!(header(call, ":authority"), Some("generativelanguage.googleapis.com"));
+    assert_eq!(header(call, "x-goog-api-key"), Some("test-key"));
+    assert_eq!(header(call, "authorization"), None);
+    assert_eq!(call.timeout_ms, 180_000);
+    assert!(gw.host.shared.keys().all(|k| !k.contains("cooldown")), "nothing cools down");
+}
+
+#[test]
+fn keys_take_turns_across_requests() {
+    let mut gw = Gateway::new(TWO_KEYS_AND_VERTEX);
+    for _ in 0..4 {
+        assert_eq!(gw.request(json!({"prompt": "p"}), Some("no-store")).status, 200);
+    }
+    let keys: Vec<_> = gw.upstream_calls.iter().map(|c| header(c, "x-goog-api-key").unwrap().to_string()).collect();
+    assert_eq!(keys, ["key-K1", "key-K2", "key-K1", "key-K2"]);
+    assert_eq!(gw.log()["backend"], "studio");
+}
+
+#[test]
+fn a_429_cools_its_key_for_retry_after_and_the_call_goes_on_at_once_on_the_next() {
+    let mut gw = Gateway::new(TWO_KEYS_AND_VERTEX);
+    gw.upstream = Some(by_key(&["key-K1"], quota(Some(7))));
+    let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
+    assert_eq!(r.status, 200);
+    let keys: Vec<_> = gw.upstream_calls.iter().map(|c| header(c, "x-goog-api-key").unwrap()).collect();
+    assert_eq!(keys, ["key-K1", "key-K2"]);
+    assert_eq!((gw.log()["attempts"].as_u64(), gw.log()["backend"].as_str()), (Some(2), Some("studio")));
+    let cooled = Cooldown::decode(
+        &gw.host.shared[&backends::cooldown_key(&gw.root.settings().unwrap().backends, KeyRef { backend: 0, key: 0 })],
+    )
+    .unwrap();
+    assert_eq!(cooled.until_ms, NOW_MS + 7_000);
+    assert_eq!(gw.counted(Counter::KeyCooldowns("studio".into(), 0)), 1);
+    assert_eq!(gw.counted(Counter::UpstreamAttempts("studio".into(), 0, AttemptOutcome::Quota)), 1);
+    // While K1 cools, every call goes to K2; once it is back, turns resume.
+    gw.upstream_calls.clear();
+    gw.upstream = None;
+    gw.request(json!({"prompt": "p1"}), Some("no-store"));
+    gw.request(json!({"prompt": "p2"}), Some("no-store"));
+    assert!(gw.upstream_calls.iter().all(|c| header(c, "x-goog-api-key") == Some("key-K2")));
+    gw.host.now = NOW_MS + 7_001;
+    gw.upstream_calls.clear();
+    gw.request(json!({"prompt": "p3"}), Some("no-store"));
+    gw.request(json!({"prompt": "p4"}), Some("no-store"));
+    assert!(gw.upstream_calls.iter().any(|c| header(c, "x-goog-api-key") == Some("key-K1")));
+}
+
+#[test]
+fn every_key_out_of_quota_answers_429_until_the_first_is_back() {
+    let config = r#"{"backends": [{"name": "studio", "kind": "gemini", "cluster": "gemini", "api_key_envs": ["K1", "K2"]}],
+                     "retry": {"max_attempts": 5, "cooldown_ms": 60000}}"#;
+    let mut gw = Gateway::new(config);
+    let mut delays = vec![Some(30), Some(12)].into_iter();
+    gw.upstream = Some(Box::new(move |_| quota(delays.next().flatten())));
+    let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("12")));
+    assert_eq!(json_of(&r)["error"]["code"], "IMG_QUOTA_EXHAUSTED");
+    assert_eq!(gw.upstream_calls.len(), 2, "each key once, then none left");
+    // A new request finds both cooling and makes no call at all.
+    gw.upstream_calls.clear();
+    gw.host.now = NOW_MS + 2_000;
+    let r = gw.request(json!({"prompt": "again"}), Some("no-store"));
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("10")));
+    assert!(gw.upstream_calls.is_empty());
+}
+
+#[test]
+fn a_refused_key_cools_five_times_longer_and_all_refused_is_502() {
+    let mut gw = Gateway::new(TWO_KEYS_AND_VERTEX);
+    gw.upstream = Some(by_key(&["key-K1"], error_response(403, "PERMISSION_DENIED")));
+    assert_eq!(gw.request(json!({"prompt": "p"}), Some("no-store")).status, 200);
+    let cooled = Cooldown::decode(
+        &gw.host.shared[&backends::cooldown_key(&gw.root.settings().unwrap().backends, KeyRef { backend: 0, key: 0 })],
+    )
+    .unwrap();
+    assert_eq!((cooled.until_ms, cooled.reason), (NOW_MS + 300_000, backends::CoolReason::Auth));
+    let mut gw = Gateway::new(TWO_KEYS_AND_VERTEX);
+    gw.upstream = Some(Box::new(|_| error_response(401, "UNAUTHENTICATED")));
+    let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
+    assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (502, Some("IMG_UPSTREAM_AUTH")));
+    assert_eq!(gw.upstream_calls.len(), 3, "max_attempts");
+}
+
+#[test]
+fn a_5xx_moves_to_the_next_backend_on_its_own_path() {
+    let mut gw = Gateway::new(TWO_KEYS_AND_VERTEX);
+    gw.upstream =
+        Some(Box::new(
+            |call| {
+                if call.cluster == "gemini" {
+                    error_response(503, "UNAVAILABLE")
+                } else {
+                    ok_response(PNG)
+                }
+            },
+        ));
+    assert_eq!(gw.request(json!({"prompt": "p"}), Some("no-store")).status, 200);
+    let last = gw.upstream_calls.last().unwrap();
+    assert_eq!(last.cluster, "vertex");
+    assert_eq!(
+        header(last, ":path"),
+        Some("/v1/projects/proj/locations/us-central1/publishers/google/models/gemini-3-pro-image-preview:generateContent")
+    );
+    assert_eq!(header(last, ":authority"), Some("us-central1-aiplatform.googleapis.com"));
+    assert_eq!(header(last, "x-goog-api-key"), Some("key-VK"));
+    assert_eq!(gw.upstream_calls.len(), 2, "a 5xx does not try the backend's other key");
+    assert!(gw.host.shared.keys().all(|k| !k.contains("cooldown")), "and cools nothing");
+    assert_eq!(gw.log()["backend"], "vertex");
+}
+
+#[test]
+fn blocks_and_400s_are_never_retried() {
+    for answer in [
+        CallResponse {
+            status: Some(200),
+            body: br#"{"promptFeedback":{"blockReason":"SAFETY"}}"#.to_vec(),
+            ..Default::default()
+        },
+        error_response(400, "INVALID_ARGUMENT"),
+    ] {
+        let mut gw = Gateway::new(TWO_KEYS_AND_VERTEX);
+        let a = answer.clone();
+        gw.upstream = Some(Box::new(move |_| a.clone()));
+        assert_eq!(gw.request(json!({"prompt": "p"}), Some("no-store")).status, 400);
+        assert_eq!(gw.upstream_calls.len(), 1);
+    }
+}
+
+#[test]
+fn max_attempts_and_the_deadline_hold() {
+    let config = r#"{"backends": [
+        {"name": "a", "kind": "gemini", "cluster": "c1", "api_key_envs": ["K1"]},
+        {"name": "b", "kind": "gemini", "cluster": "c2", "api_key_envs": ["K2"]},
+        {"name": "c", "kind": "gemini", "cluster": "c3", "api_key_envs": ["VK"]}],
+      "retry": {"max_attempts": 2}}"#;
+    let mut gw = Gateway::new(config);
+    gw.upstream = Some(Box::new(|_| error_response(500, "INTERNAL")));
+    let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
+    assert_eq!((r.status, gw.upstream_calls.len()), (502, 2));
+    // A retry starts only with time left before timeout_ms from the start of the request.
+    let mut gw = Gateway::new(&config.replace("\"retry\"", "\"gemini\": {\"timeout_ms\": 1000}, \"retry\""));
+    let clock = Rc::new(std::cell::Cell::new(NOW_MS));
+    let c = clock.clone();
+    gw.upstream = Some(Box::new(move |_| {
+        c.set(c.get() + 900);
+        CallResponse { elapsed_ms: 900, timeout_ms: 1000, ..error_response(503, "UNAVAILABLE") }
+    }));
+    let mut stream = gw.send(br#"{"prompt": "slow"}"#);
+    while let Some((token, call)) = gw.host.dispatched.pop() {
+        gw.upstream_calls.push(call.clone());
+        let response = (gw.upstream.as_mut().unwrap())(&call);
+        gw.host.now = clock.get();
+        let (h, n) = gw.host.deliver(&response);
+        stream.on_call_response(&mut gw.host, token, h, n);
+    }
+    assert_eq!(gw.upstream_calls.len(), 1, "900 ms gone of 1000: no second attempt");
+    assert_eq!(gw.host.replies[0].status, 503);
+}
+
+#[test]
+fn a_vertex_token_is_fetched_by_the_root_shared_and_refreshed() {
+    let config = r#"{"backends": [{"name": "vx", "kind": "vertex", "cluster": "vertex", "project": "p", "location": "global",
+                      "auth": {"metadata": {"cluster": "metadata"}}}]}"#;
+    let mut gw = Gateway::new(config);
+    // No token yet: 502, and no call to Google.
+    let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
+    assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (502, Some("IMG_UPSTREAM_AUTH")));
+    assert_eq!(gw.upstream_calls.len(), 0);
+    let fetch = gw.token_fetches.first().expect("the tick fetched a token").clone();
+    assert_eq!(header(&fetch, ":path"), Some(backends::METADATA_TOKEN_PATH));
+    assert_eq!(header(&fetch, "metadata-flavor"), Some("Google"));
+    assert_eq!(header(&fetch, ":authority"), Some("metadata.google.internal"));
+    // Now calls carry it, on Vertex's global host.
+    assert_eq!(gw.request(json!({"prompt": "p2"}), Some("no-store")).status, 200);
+    let call = gw.upstream_calls.last().unwrap();
+    assert_eq!(header(call, "authorization"), Some("Bearer ya29.token-1"));
+    assert_eq!(header(call, ":authority"), Some("aiplatform.googleapis.com"));
+    assert_eq!(gw.token_fetches.len(), 1, "fetched once, not per request or tick");
+    // Refreshed before it expires (within its last five minutes).
+    gw.host.now = NOW_MS + 3_599_000 - 200_000;
+    gw.metadata = Box::new(|| CallResponse {
+        status: Some(200),
+        body: br#"{"access_token":"ya29.token-2","expires_in":3599,"token_type":"Bearer"}"#.to_vec(),
+        ..Default::default()
+    });
+    gw.tick();
+    assert_eq!(gw.token_fetches.len(), 2);
+    gw.request(json!({"prompt": "p3"}), Some("no-store"));
+    assert_eq!(header(gw.upstream_calls.last().unwrap(), "authorization"), Some("Bearer ya29.token-2"));
+    assert!(!gw.host.logs.iter().any(|(_, m)| m.contains("ya29")), "never logged");
+}
+
+#[test]
+fn a_failing_metadata_server_backs_off_and_says_why() {
+    let config = r#"{"backends": [{"name": "vx", "kind": "vertex", "cluster": "vertex", "project": "p",
+                      "auth": {"metadata": {"cluster": "metadata"}}}]}"#;
+    let mut gw = Gateway::new(config);
+    gw.metadata = Box::new(|| CallResponse { status: Some(500), ..Default::default() });
+    gw.tick();
+    gw.tick();
+    assert_eq!(gw.token_fetches.len(), 1, "backed off: no second fetch within a second");
+    assert!(gw
+        .host
+        .logs
+        .iter()
+        .any(|(l, m)| *l == LogLevel::Warn && m.contains("backend vx") && m.contains("status 500")));
+    assert_eq!(gw.host.counted(&Counter::TokenFetches("vx".into(), false)), 1);
+    gw.host.now = NOW_MS + 1_001;
+    gw.tick();
+    assert_eq!(gw.token_fetches.len(), 2, "tried again after the backoff");
+    let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
+    assert_eq!(r.status, 502);
 }

@@ -69,12 +69,16 @@ pub enum Effect {
     Admit {
         bytes: u64,
     },
-    /// Make `count` calls of `call`, each expected to answer within `reserved_bytes`; answers
-    /// come back as `on_call_response(index, ..)`.
+    /// Make `count` calls of generateContent with `body` for the `upstream` model, each
+    /// expected to answer within `reserved_bytes`, all done by `deadline_ms`. The driver picks
+    /// the backend and key of each attempt and retries on the next (docs/backends.md); each
+    /// call's final answer comes back as `on_call_outcome(index, ..)`.
     CallGemini {
         count: u32,
-        call: HttpCall,
+        body: Rc<Vec<u8>>,
+        upstream: String,
         reserved_bytes: u64,
+        deadline_ms: u64,
     },
     Reply(Reply),
     Log(LogLine),
@@ -178,7 +182,24 @@ struct CachePlan {
 /// The Gemini calls in flight: one slot per call, filled as answers arrive.
 struct Calls {
     outcomes: Vec<Option<CallOutcome>>,
+    metas: Vec<Option<CallMeta>>,
     started_ms: u64,
+}
+
+impl Calls {
+    /// Attempts made by every call, retries included.
+    fn attempts(&self) -> u32 {
+        self.metas.iter().flatten().map(|m| m.attempts).sum()
+    }
+}
+
+/// Where a call's final answer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallMeta {
+    /// The index of its backend.
+    pub backend: usize,
+    /// Attempts it took (1 without a retry).
+    pub attempts: u32,
 }
 
 /// What a request learned before it could be refused: for the headers and the log line.
@@ -510,55 +531,50 @@ impl Exchange {
     }
 
     fn call_gemini(&mut self, planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
-        let g = &self.settings.gemini;
         let req = &planned.req;
-        let mut headers = vec![
-            (":method".to_string(), "POST".to_string()),
-            (":path".to_string(), gemini::generate_content_path(&req.upstream)),
-            (":authority".to_string(), g.authority.clone()),
-            ("content-type".to_string(), "application/json".to_string()),
-            ("x-goog-api-client".to_string(), concat!("gemini-image-filter/", env!("CARGO_PKG_VERSION")).to_string()),
-        ];
-        if let Some(key) = &g.api_key {
-            headers.push(("x-goog-api-key".to_string(), key.clone()));
-        }
-        let call = HttpCall {
-            cluster: g.cluster.clone(),
-            headers,
-            body: planned.gemini_body.clone(),
-            timeout_ms: g.timeout_ms,
-        };
         let count = req.n;
-        let effect = Effect::CallGemini { count, call, reserved_bytes: answer_estimate(req.image_size) };
-        let calls = Calls { outcomes: vec![None; count as usize], started_ms: now_ms };
+        let effect = Effect::CallGemini {
+            count,
+            body: planned.gemini_body.clone(),
+            upstream: req.upstream.clone(),
+            reserved_bytes: answer_estimate(req.image_size),
+            deadline_ms: self.started_ms.saturating_add(self.settings.gemini.timeout_ms),
+        };
+        let calls =
+            Calls { outcomes: vec![None; count as usize], metas: vec![None; count as usize], started_ms: now_ms };
         self.phase = Phase::AwaitingGemini(planned, calls);
         vec![effect]
     }
 
-    /// Call `index` could not even be dispatched (unknown cluster, host refused). `why` is for
-    /// the operator's log, never for the client.
-    pub fn on_call_not_dispatched(&mut self, index: u32, now_ms: u64) -> Vec<Effect> {
-        let e = ApiError::new(ErrorCode::InternalError, "the gateway could not call Gemini");
-        self.record(index, CallOutcome { upstream_status: 0, result: Err(e), usage: None }, now_ms)
+    /// Call `index` is answered: its final outcome after every attempt, and where it went.
+    pub fn on_call_outcome(&mut self, index: u32, outcome: CallOutcome, meta: CallMeta, now_ms: u64) -> Vec<Effect> {
+        let Phase::AwaitingGemini(_, calls) = &mut self.phase else { return Vec::new() };
+        match (calls.outcomes.get_mut(index as usize), calls.metas.get_mut(index as usize)) {
+            (Some(slot @ None), Some(m)) => {
+                *slot = Some(outcome);
+                *m = Some(meta);
+            }
+            _ => return Vec::new(), // unknown or repeated: ignore
+        }
+        self.record(now_ms)
     }
 
-    /// Call `index` answered (or failed).
+    /// Call `index` answered on its first attempt, on the first backend (the path of a request
+    /// without `backends`, and of tests that feed answers directly).
     pub fn on_call_response(&mut self, index: u32, response: CallResponse, now_ms: u64) -> Vec<Effect> {
         if !matches!(self.phase, Phase::AwaitingGemini(..)) {
             return Vec::new();
         }
         let elapsed = response.elapsed_ms;
-        let mut effects = self.record(index, gemini::read_call(response), now_ms);
+        let meta = CallMeta { backend: 0, attempts: 1 };
+        let mut effects = self.on_call_outcome(index, gemini::read_call(response), meta, now_ms);
         effects.push(Effect::Observe(Histogram::UpstreamLatencyMs, elapsed));
         effects
     }
 
-    fn record(&mut self, index: u32, outcome: CallOutcome, now_ms: u64) -> Vec<Effect> {
-        let Phase::AwaitingGemini(_, calls) = &mut self.phase else { return Vec::new() };
-        match calls.outcomes.get_mut(index as usize) {
-            Some(slot @ None) => *slot = Some(outcome),
-            _ => return Vec::new(), // unknown or repeated: ignore
-        }
+    /// Finishes once every call has its outcome.
+    fn record(&mut self, now_ms: u64) -> Vec<Effect> {
+        let Phase::AwaitingGemini(_, calls) = &self.phase else { return Vec::new() };
         if calls.outcomes.iter().any(Option::is_none) {
             return Vec::new();
         }
@@ -815,7 +831,7 @@ impl Exchange {
             effects.push(Effect::Count(Counter::SafetyApplied(p.req.safety), 1));
         }
         if let Some(calls) = ending.calls {
-            effects.push(Effect::Count(Counter::UpstreamCalls, calls.outcomes.len() as u64));
+            effects.push(Effect::Count(Counter::UpstreamCalls, u64::from(calls.attempts())));
         }
         effects
     }
@@ -853,6 +869,12 @@ impl Exchange {
             cache: self.cache_state,
             latency_ms: now_ms.saturating_sub(self.started_ms),
             upstream_latency_ms: ending.calls.map(|c| now_ms.saturating_sub(c.started_ms)),
+            backend: ending
+                .calls
+                .and_then(|c| c.metas.iter().flatten().next())
+                .and_then(|m| self.settings.backends.list.get(m.backend))
+                .map(|b| b.name.clone()),
+            attempts: ending.calls.map(Calls::attempts),
             upstream_status: ending.upstream_status,
             prompt_hash: self.known.prompt_hash.clone(),
             request_id: self.head.request_id.clone(),

@@ -151,6 +151,8 @@ pub struct CallResponse {
     /// Set when the host did not read an answer of this many bytes: it would have taken the
     /// worker past `limits.max_inflight_bytes`.
     pub refused_bytes: Option<usize>,
+    /// A 429's `retry-after` header, in seconds.
+    pub retry_after_s: Option<u64>,
     /// How long the call took, and its timeout, to tell a timeout from other failures.
     pub elapsed_ms: u64,
     pub timeout_ms: u64,
@@ -281,11 +283,11 @@ pub fn read_call(resp: CallResponse) -> CallOutcome {
         let (result, usage) = read_success(resp.body);
         return CallOutcome { upstream_status: status, result, usage };
     }
-    CallOutcome {
-        upstream_status: status,
-        result: Err(read_failure(status, resp.content_type.as_deref(), &resp.body)),
-        usage: None,
+    let mut e = read_failure(status, resp.content_type.as_deref(), &resp.body);
+    if e.code == ErrorCode::QuotaExhausted && e.retry_after.is_none() {
+        e.retry_after = resp.retry_after_s;
     }
+    CallOutcome { upstream_status: status, result: Err(e), usage: None }
 }
 
 fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>) {

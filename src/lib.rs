@@ -6,6 +6,7 @@
 //! core's effects into host calls.
 
 pub mod access_log;
+pub mod backends;
 pub mod base64;
 pub mod cache;
 pub mod config;

@@ -2,7 +2,9 @@
 //! (`gemini_image.errors.code.IMG_QUOTA_EXHAUSTED`), so Envoy's `stats_tags` can turn it into a
 //! label (`gemini_image_errors{code="IMG_QUOTA_EXHAUSTED"}`); see docs/observability.md.
 
+use crate::backends::{Backends, Credential};
 use crate::error::ErrorCode;
+use crate::gemini::CallOutcome;
 use crate::model::Families;
 use crate::named::{named, Named};
 use crate::safety::SafetyLevel;
@@ -92,6 +94,74 @@ pub enum Counter {
     CacheL1Evictions,
     /// Entries over `cache.l1.max_entry_bytes`, kept out of L1.
     CacheL1TooLarge,
+    /// Attempts of Gemini calls by backend name, key index and how they ended.
+    UpstreamAttempts(String, usize, AttemptOutcome),
+    /// Keys cooled down, by backend name and key index.
+    KeyCooldowns(String, usize),
+    /// Metadata token fetches by backend name: succeeded (true) or failed.
+    TokenFetches(String, bool),
+}
+
+/// How one attempt of a Gemini call ended, for `upstream_attempts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttemptOutcome {
+    /// An image, or an answer no retry would change (a block, a 400).
+    Ok,
+    Quota,
+    Auth,
+    Unavailable,
+    /// Reset, refused, timed out.
+    Network,
+    Error,
+}
+
+named!(AttemptOutcome {
+    Ok => "ok",
+    Quota => "quota",
+    Auth => "auth",
+    Unavailable => "unavailable",
+    Network => "network",
+    Error => "error",
+});
+
+impl AttemptOutcome {
+    pub fn of(outcome: &CallOutcome) -> AttemptOutcome {
+        let Err(e) = &outcome.result else { return AttemptOutcome::Ok };
+        match e.code {
+            ErrorCode::QuotaExhausted => AttemptOutcome::Quota,
+            ErrorCode::UpstreamAuth => AttemptOutcome::Auth,
+            ErrorCode::ServiceUnavailable => AttemptOutcome::Unavailable,
+            ErrorCode::NetworkError => AttemptOutcome::Network,
+            ErrorCode::SafetyBlocked | ErrorCode::InvalidPrompt | ErrorCode::InvalidRequest | ErrorCode::NoImage => {
+                AttemptOutcome::Ok
+            }
+            _ => AttemptOutcome::Error,
+        }
+    }
+}
+
+/// Values that go up and down.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Gauge {
+    /// Seconds since the backend's metadata token was fetched (0: none yet).
+    TokenAgeSeconds(String),
+}
+
+impl Gauge {
+    pub fn name(&self) -> String {
+        match self {
+            Gauge::TokenAgeSeconds(b) => format!("{PREFIX}.token_age_seconds.backend.{b}"),
+        }
+    }
+
+    pub fn all(backends: &Backends) -> Vec<Gauge> {
+        backends
+            .list
+            .iter()
+            .filter(|b| b.credentials.iter().any(|c| matches!(c, Credential::MetadataToken { .. })))
+            .map(|b| Gauge::TokenAgeSeconds(b.name.clone()))
+            .collect()
+    }
 }
 
 impl Counter {
@@ -112,11 +182,18 @@ impl Counter {
             Counter::CacheL2Rejected => format!("{PREFIX}.cache_l2_rejected"),
             Counter::CacheL1Evictions => format!("{PREFIX}.cache_l1_evictions"),
             Counter::CacheL1TooLarge => format!("{PREFIX}.cache_l1_too_large"),
+            Counter::UpstreamAttempts(b, k, o) => {
+                format!("{PREFIX}.upstream_attempts.backend.{b}.key.{k}.outcome.{}", o.as_str())
+            }
+            Counter::KeyCooldowns(b, k) => format!("{PREFIX}.key_cooldowns.backend.{b}.key.{k}"),
+            Counter::TokenFetches(b, ok) => {
+                format!("{PREFIX}.token_fetches.backend.{b}.outcome.{}", if *ok { "ok" } else { "failed" })
+            }
         }
     }
 
     /// Every counter, defined up front so that dashboards see zeros rather than gaps.
-    pub fn all(families: &Families) -> Vec<Counter> {
+    pub fn all(families: &Families, backends: &Backends) -> Vec<Counter> {
         let levels = [SafetyLevel::Off, SafetyLevel::Low, SafetyLevel::Medium, SafetyLevel::High];
         let mut all: Vec<Counter> = Outcome::ALL.iter().copied().map(Counter::Requests).collect();
         all.extend(families.all_names().into_iter().map(Counter::ModelRequests));
@@ -128,6 +205,16 @@ impl Counter {
         for tier in [CacheTier::L1, CacheTier::L2] {
             all.push(Counter::CacheHits(tier));
             all.push(Counter::CacheStores(tier));
+        }
+        for b in &backends.list {
+            for k in 0..b.credentials.len() {
+                all.extend(AttemptOutcome::ALL.iter().map(|o| Counter::UpstreamAttempts(b.name.clone(), k, *o)));
+                all.push(Counter::KeyCooldowns(b.name.clone(), k));
+            }
+            if b.credentials.iter().any(|c| matches!(c, Credential::MetadataToken { .. })) {
+                all.push(Counter::TokenFetches(b.name.clone(), true));
+                all.push(Counter::TokenFetches(b.name.clone(), false));
+            }
         }
         all.extend([
             Counter::CacheMisses,
@@ -167,7 +254,12 @@ mod tests {
     #[test]
     fn names_are_unique_and_end_in_their_label() {
         let families = crate::model::Families(crate::model::Family::defaults());
-        let names: Vec<String> = Counter::all(&families).iter().map(Counter::name).collect();
+        let settings = crate::config::Settings::from_json(
+            br#"{"backends": [{"name": "studio", "kind": "gemini", "cluster": "g", "api_key_envs": ["A", "B"]}]}"#,
+            &|_| None,
+        )
+        .unwrap();
+        let names: Vec<String> = Counter::all(&families, &settings.backends).iter().map(Counter::name).collect();
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();
@@ -176,6 +268,8 @@ mod tests {
         assert!(names.contains(&"gemini_image.model_requests.model.gemini-3-pro-image-4k-16x9".to_string()));
         assert!(names.contains(&"gemini_image.model_requests.model.gemini-2.5-flash-image-9x16".to_string()));
         assert!(names.contains(&"gemini_image.requests.outcome.success".to_string()));
+        assert!(names.contains(&"gemini_image.upstream_attempts.backend.studio.key.1.outcome.quota".to_string()));
+        assert!(names.contains(&"gemini_image.key_cooldowns.backend.studio.key.0".to_string()));
         assert!(names.iter().all(|n| n.starts_with("gemini_image.")));
     }
 }

@@ -144,13 +144,109 @@ class Process:
 
 
 class FakeGemini:
-    def __init__(self, workdir, api_key=None):
+    """fake-gemini on a free port: the Gemini API, Vertex AI and the GCE metadata server (see
+    fake-gemini/README.md).
+
+    api_key: one valid key (as before); api_keys: several, any of them valid (api_key, if given,
+    comes first: index 0 in stats()). bearer_tokens: static OAuth tokens Vertex calls may use.
+    token_ttl_s, project_id: what the metadata server answers. token_secret: another FakeGemini
+    given the same secret takes the tokens this one issues (one plays the metadata server, the
+    other Vertex). name: the process and log name, for running two."""
+
+    def __init__(self, workdir, api_key=None, api_keys=None, bearer_tokens=None, token_ttl_s=None, project_id=None,
+                 token_secret=None, name="fake-gemini"):
         self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        cmd = [FAKE_GEMINI, "--listen", "127.0.0.1:%d" % self.port]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        self.process = Process("fake-gemini", cmd, os.path.join(workdir, "fake-gemini.log"), ready=lambda: http("GET", self.url + "/healthz", timeout=1)[0] == 200)
+        self.address = "127.0.0.1:%d" % self.port
+        self.url = "http://" + self.address
+        self.api_keys = ([api_key] if api_key else []) + list(api_keys or [])
+        cmd = [FAKE_GEMINI, "--listen", self.address]
+        for key in self.api_keys:
+            cmd += ["--api-key", key]
+        for token in bearer_tokens or ():
+            cmd += ["--bearer", token]
+        if token_ttl_s is not None:
+            cmd += ["--token-ttl-s", str(int(token_ttl_s))]
+        if project_id is not None:
+            cmd += ["--project-id", project_id]
+        if token_secret is not None:
+            cmd += ["--token-secret", token_secret]
+        self.process = Process(name, cmd, os.path.join(workdir, name + ".log"), ready=lambda: http("GET", self.url + "/healthz", timeout=1)[0] == 200)
+
+    def _control(self, method, path, body=None, headers=None):
+        data = None if body is None else json.dumps(body).encode()
+        h = {"content-type": "application/json"} if data is not None else {}
+        h.update(headers or {})
+        status, _, raw = http(method, self.url + path, data, h)
+        if status >= 300:
+            raise AssertionError("fake-gemini %s %s: %s %s" % (method, path, status, raw[:1000].decode("utf-8", "replace")))
+        return json.loads(raw) if raw.strip() else None
+
+    def set_rules(self, rules):
+        """Replaces the failure rules (a list of dicts; README "Rules"). Returns {"rules": N}."""
+        return self._control("PUT", "/__fake/rules", list(rules))
+
+    def add_rules(self, rules):
+        """Appends failure rules after the current ones."""
+        return self._control("POST", "/__fake/rules", list(rules))
+
+    def clear_rules(self):
+        return self._control("DELETE", "/__fake/rules")
+
+    def rules(self):
+        """The current rules, each with "matched" (calls it answered)."""
+        return self._control("GET", "/__fake/rules")
+
+    def stats(self):
+        """generateContent calls counted per API key (index in api_keys order, else "last4:..."),
+        bearer token ("metadata#SEQ", "bearer#I", "registered#I", "last4:..."), backend, status
+        and rule (README "Stats")."""
+        return self._control("GET", "/__fake/stats")
+
+    def clear_stats(self):
+        return self._control("DELETE", "/__fake/stats")
+
+    def metadata(self, **settings):
+        """Changes the metadata server: expires_in=N, fail=STATUS (None: stop failing),
+        fail_times=K, delay_ms=M, project_id=P; only the settings given change. Without
+        arguments, returns the current settings."""
+        if not settings:
+            return self._control("GET", "/__fake/metadata")
+        return self._control("PUT", "/__fake/metadata", settings)
+
+    def metadata_stats(self):
+        """{"token_fetches", "tokens_issued", "refused", "failed", "project_id_fetches"}."""
+        return self._control("GET", "/__fake/metadata/stats")
+
+    def clear_metadata_stats(self):
+        return self._control("DELETE", "/__fake/metadata/stats")
+
+    def fetch_token(self):
+        """A token from the metadata server, as the filter fetches one (counted as a fetch)."""
+        return self._control("GET", "/computeMetadata/v1/instance/service-accounts/default/token",
+                             headers={"Metadata-Flavor": "Google"})
+
+    def register_token(self, token, expires_in=None):
+        """Makes `token` valid for Vertex calls (for expires_in seconds; None: for ever)."""
+        body = {"token": token}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return self._control("PUT", "/__fake/tokens", body)
+
+    def revoke_tokens(self):
+        """Every token issued so far answers 401 ACCESS_TOKEN_EXPIRED; registered ones are
+        forgotten (bearer_tokens stay valid)."""
+        return self._control("DELETE", "/__fake/tokens")
+
+    def recorded(self, contains=None):
+        """Recorded generateContent calls (each with path, headers, body, backend, status,
+        api_key_label, bearer_label), optionally only those whose body holds `contains`."""
+        path = "/__fake/requests"
+        if contains is not None:
+            path += "?contains=" + urllib.parse.quote(contains)
+        return self._control("GET", path)
+
+    def clear_requests(self):
+        return self._control("DELETE", "/__fake/requests")
 
     def requests(self, needle):
         """The generateContent requests whose prompt holds `needle`."""
@@ -221,10 +317,12 @@ class Envoy:
     lds=True the listeners come from a file-based LDS instead of the bootstrap, and
     set_plugin() changes a listener's plugin configuration while Envoy runs."""
 
-    def __init__(self, workdir, name="envoy", env_extra=None, concurrency=2, lds=False, **render_args):
+    def __init__(self, workdir, name="envoy", env_extra=None, concurrency=2, lds=False, doc_hook=None, **render_args):
         self.admin_port = free_port()
         self.port = free_port()
         self.doc = render_envoy.render(listen_port=self.port, admin_port=self.admin_port, wasm=WASM, **render_args)
+        if doc_hook:
+            doc_hook(self.doc)  # a last change to the rendered config (the live tests add a cluster)
         self.doc["stats_flush_interval"] = "0.5s"  # histograms show up in /stats after a flush
         self.ports = {"images": self.port}
         for name_, port, _ in render_args.get("extra_listeners", ()):

@@ -4,8 +4,9 @@ configuration, the same filter chain and the same failure policy, differing only
 docs/configuration.md ("The shipped kits") says; every kit sends the three Images API paths
 (generations, edits, variations) to the filter, with buffer limits above the largest body the
 filter accepts (contract sections 9 and 14); no route of any kit reaches the clusters the
-filter calls (contract section 14); and the compose and Kubernetes files name files, ports
-and clusters that exist."""
+filter calls, or the Vertex AI and metadata clusters that the kits running in Google Cloud
+carry for a Vertex backend with workload identity (contract sections 11 and 14); and the
+compose and Kubernetes files name files, ports and clusters that exist."""
 import copy
 import glob
 import json
@@ -45,6 +46,16 @@ PRODUCTION = {"safety": {"default": "MEDIUM", "minimum": "LOW"},
 ISTIO_NAMES = {"gemini": {"cluster": "outbound|443||generativelanguage.googleapis.com"},
                "cache": {"l2": {"cluster": "outbound|8090||image-cache.images.svc.cluster.local",
                                 "authority": "image-cache.images.svc.cluster.local"}}}
+# Contract sections 11 and 14: every kit that runs in Google Cloud carries the clusters a
+# `kind: vertex` backend with workload identity needs, ready but named by no shipped plugin
+# configuration (docs/workload-identity.md), and no route reaches them. Envoy's names, and
+# Istio's (the ServiceEntries' clusters).
+GCP_KITS = ["sidecar.yaml", "istio", "envoy-gateway"]
+VERTEX_HOST = "aiplatform.googleapis.com"
+METADATA_HOST = "metadata.google.internal"
+METADATA_IP = "169.254.169.254"
+GCP_CLUSTERS = {"vertex": "vertex", "gce_metadata": "gce_metadata"}
+ISTIO_GCP_CLUSTERS = {"vertex": "outbound|443||%s" % VERTEX_HOST, "gce_metadata": "outbound|80||%s" % METADATA_HOST}
 KIT_DIFFERENCES = {
     "envoy.yaml": [],
     "compose-envoy.yaml": [],
@@ -394,6 +405,23 @@ def clusters_named_in(plugin):
     return found
 
 
+def authorities_named_in(plugin):
+    """Every `authority` a plugin configuration names (gemini, cache.l2, backends, metadata)."""
+    found = set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "authority" and isinstance(x, str):
+                    found.add(x)
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+    walk(plugin)
+    return found
+
+
 def strings_in(v):
     if isinstance(v, dict):
         for x in v.values():
@@ -406,8 +434,9 @@ def strings_in(v):
 
 
 def envoy_route_doors(doc):
-    """Routes of an Envoy config that can send a client request to a cluster the filter calls."""
-    forbidden = set()
+    """Routes of an Envoy config that can send a client request to a cluster the filter calls,
+    or may call (the Vertex AI and metadata clusters, named by no shipped configuration)."""
+    forbidden = set(GCP_CLUSTERS.values())
     for listener in doc["static_resources"]["listeners"]:
         forbidden |= clusters_named_in(render_envoy.plugin_config(listener))
     doors = []
@@ -435,8 +464,8 @@ def istio_doors(docs):
     door would be a kit resource that routes to the Gemini or cache host, a patch that names
     their clusters, or the ServiceEntry exported to other namespaces."""
     cfg = docs["WasmPlugin"][0]["spec"]["pluginConfig"]
-    clusters = clusters_named_in(cfg)
-    hosts = {c.split("|")[-1] for c in clusters}
+    clusters = clusters_named_in(cfg) | set(ISTIO_GCP_CLUSTERS.values())
+    hosts = {c.split("|")[-1] for c in clusters} | {METADATA_IP}
     doors = []
     if [m.get("mode") for m in docs["WasmPlugin"][0]["spec"].get("match", [])] != ["SERVER"]:
         doors.append("the WasmPlugin is not on the inbound side only")
@@ -461,7 +490,7 @@ def envoy_gateway_doors(docs):
     (a route that exists to create a cluster is a route a client can match), and no route or
     patch may lead to Google's API or the cache service."""
     cfg = docs["EnvoyExtensionPolicy"][0]["spec"]["wasm"][0]["config"]
-    clusters = clusters_named_in(cfg)
+    clusters = clusters_named_in(cfg) | set(GCP_CLUSTERS.values())
     added = {}
     for policy in docs.get("EnvoyPatchPolicy", []):
         for p in policy["spec"]["jsonPatches"]:
@@ -469,10 +498,11 @@ def envoy_gateway_doors(docs):
                 added[p["operation"]["value"]["name"]] = p["operation"]["value"]
     doors = ["cluster %s is not added by an EnvoyPatchPolicy" % c for c in sorted(clusters - set(added))]
     # What the filter's calls reach: its clusters, their endpoints, the authorities it sends.
-    targets = set(clusters) | {a for s in (cfg["gemini"], cfg.get("cache", {}).get("l2", {})) for k, a in s.items() if k == "authority"}
+    targets = set(clusters) | authorities_named_in(cfg) | {VERTEX_HOST, METADATA_HOST}
     targets |= {e["endpoint"]["address"]["socket_address"]["address"]
                 for c in added.values() for le in c["load_assignment"]["endpoints"] for e in le["lb_endpoints"]}
     labels = {t.split(".")[0] for t in targets}
+    targets.add(METADATA_IP)
     backends = {b["metadata"]["name"]: set(strings_in(b["spec"])) for b in docs.get("Backend", [])}
     for kind in ("HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute", "UDPRoute"):
         for r in docs.get(kind, []):
@@ -491,7 +521,8 @@ def envoy_gateway_doors(docs):
 
 def test_no_route_of_any_kit_reaches_the_filters_clusters():
     """Contract section 14: no route of a shipped config reaches the Gemini, Vertex, metadata or
-    cache clusters; the only exception is the contract's upstream route."""
+    cache clusters (the Vertex and metadata ones under Envoy's names, `vertex` and
+    `gce_metadata`, and Istio's); the only exception is the contract's upstream route."""
     for name in ENVOY_CONFIGS:
         assert envoy_route_doors(envoy_config(name)) == [], name
     assert istio_doors(resources_by_kind("istio")) == []
@@ -512,6 +543,14 @@ def test_the_route_check_finds_an_open_door():
         "match": {"prefix": "/", "headers": [{"name": UPSTREAM_HEADER, "present_match": True}]},
         "route": {"cluster_header": UPSTREAM_HEADER, "timeout": "0s"}})
     assert envoy_route_doors(allowed) == [], "the contract's upstream route"
+    # The Vertex AI and metadata clusters, which no shipped plugin configuration names.
+    doc = envoy_config("sidecar.yaml")
+    for door in ({"match": {"prefix": "/computeMetadata/"}, "route": {"cluster": "gce_metadata"}},
+                 {"match": {"prefix": "/v1/projects/"}, "route": {"cluster": "vertex"}},
+                 {"match": {"prefix": "/m/"}, "route": {"cluster": "app", "request_mirror_policies": [{"cluster": "gce_metadata"}]}}):
+        bad = copy.deepcopy(doc)
+        hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"].insert(0, door)
+        assert envoy_route_doors(bad), door
 
     istio = resources_by_kind("istio")
     istio["VirtualService"] = [{"metadata": {"name": "open"}, "spec": {
@@ -519,6 +558,20 @@ def test_the_route_check_finds_an_open_door():
     assert istio_doors(istio)
     istio = resources_by_kind("istio")
     del istio["ServiceEntry"][0]["spec"]["exportTo"]
+    assert istio_doors(istio)
+    for host in (VERTEX_HOST, METADATA_HOST, METADATA_IP):
+        istio = resources_by_kind("istio")
+        istio["VirtualService"] = [{"metadata": {"name": "open"}, "spec": {
+            "hosts": ["images.example.com"], "http": [{"route": [{"destination": {"host": host}}]}]}}]
+        assert istio_doors(istio), host
+    for name in ("aiplatform-googleapis", "gce-metadata"):
+        for kind in ("ServiceEntry", "DestinationRule"):
+            istio = resources_by_kind("istio")
+            del named(istio[kind], name)["spec"]["exportTo"]
+            assert istio_doors(istio), (kind, name)
+    istio = resources_by_kind("istio")
+    istio["EnvoyFilter"][0]["spec"]["configPatches"].append({"applyTo": "ROUTE_CONFIGURATION", "patch": {
+        "operation": "MERGE", "value": {"virtual_hosts": [{"routes": [{"route": {"cluster": ISTIO_GCP_CLUSTERS["gce_metadata"]}}]}]}}})
     assert istio_doors(istio)
 
     # The kit as it was before issue 11: helper routes that create the clusters.
@@ -532,6 +585,142 @@ def test_the_route_check_finds_an_open_door():
     eg = resources_by_kind("envoy-gateway")
     eg["HTTPRoute"].append({"metadata": {"name": "cache"}, "spec": {"rules": [{"backendRefs": [{"name": "image-cache", "port": 8090}]}]}})
     assert envoy_gateway_doors(eg)
+    # The Vertex AI and metadata clusters: added by the patch, and reached by no route.
+    for name in GCP_CLUSTERS.values():
+        eg = resources_by_kind("envoy-gateway")
+        patches = named(eg["EnvoyPatchPolicy"], "gemini-image-clusters")["spec"]["jsonPatches"]
+        patches[:] = [p for p in patches if p["name"] != name]
+        assert envoy_gateway_doors(eg) == ["cluster %s is not added by an EnvoyPatchPolicy" % name]
+    for host in (VERTEX_HOST, METADATA_HOST, METADATA_IP):
+        eg = resources_by_kind("envoy-gateway")
+        eg["Backend"] = [{"metadata": {"name": "google"}, "spec": {"endpoints": [{"fqdn": {"hostname": host, "port": 80}}]}}]
+        eg["HTTPRoute"].append({"metadata": {"name": "google"}, "spec": {"rules": [{
+            "backendRefs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "google"}]}]}})
+        assert envoy_gateway_doors(eg), host
+
+
+# --- Vertex AI with workload identity: ready in every kit that runs in Google Cloud ----------
+
+def endpoint_of(cluster):
+    (le,) = cluster["load_assignment"]["endpoints"]
+    (e,) = le["lb_endpoints"]
+    a = e["endpoint"]["address"]["socket_address"]
+    return a["address"], a["port_value"]
+
+
+def seconds(d):
+    return float(str(d).rstrip("s"))
+
+
+def check_vertex_cluster(c, where):
+    """Vertex AI as the `gemini` cluster reaches Google: TLS with SNI, the system CA bundle,
+    the certificate's name checked, HTTP/2, resolved by DNS."""
+    assert c["type"] in ("LOGICAL_DNS", "STRICT_DNS"), where
+    assert endpoint_of(c) == (VERTEX_HOST, 443), where
+    assert c["transport_socket"]["name"] == "envoy.transport_sockets.tls", where
+    tls = c["transport_socket"]["typed_config"]
+    assert tls["@type"] == "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", where
+    assert tls["sni"] == VERTEX_HOST, where
+    validation = tls["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"]["filename"].startswith("/etc/ssl/certs/"), where
+    assert validation["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": VERTEX_HOST}}], where
+    http = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in http["explicit_http_config"], where
+
+
+def check_metadata_cluster(c, where):
+    """The metadata server: plain HTTP/1.1 to port 80, resolved by DNS, a short connect timeout."""
+    assert c["type"] in ("LOGICAL_DNS", "STRICT_DNS"), where
+    assert endpoint_of(c) == (METADATA_HOST, 80), where
+    assert "transport_socket" not in c and "transport_socket_matches" not in c, "%s: the metadata server is plain HTTP" % where
+    assert "typed_extension_protocol_options" not in c, "%s: HTTP/1.1, Envoy's default" % where
+    assert seconds(c["connect_timeout"]) <= 2, where
+
+
+def gcp_kit_clusters():
+    """The `vertex` and `gce_metadata` clusters of the Envoy-config and Envoy Gateway kits."""
+    sidecar = {c["name"]: c for c in envoy_config("sidecar.yaml")["static_resources"]["clusters"]}
+    eg = resources_by_kind("envoy-gateway")
+    patch = {p["operation"]["value"]["name"]: p["operation"]["value"]
+             for p in named(eg["EnvoyPatchPolicy"], "gemini-image-clusters")["spec"]["jsonPatches"]}
+    return {"sidecar.yaml": sidecar, "envoy-gateway": patch}
+
+
+def test_every_gcp_kit_has_the_vertex_and_metadata_clusters():
+    """Contract sections 11 and 14: the GKE sidecar, Istio and Envoy Gateway kits carry the
+    clusters of a Vertex AI backend with workload identity, and no shipped plugin
+    configuration names them (they are off until docs/workload-identity.md turns them on)."""
+    assert set(GCP_KITS) < set(KIT_DIFFERENCES)
+    for kit, clusters in gcp_kit_clusters().items():
+        check_vertex_cluster(clusters[GCP_CLUSTERS["vertex"]], kit)
+        check_metadata_cluster(clusters[GCP_CLUSTERS["gce_metadata"]], kit)
+
+    # Istio: a ServiceEntry each (the clusters Istio names outbound|PORT||HOST), only for this
+    # namespace; TLS origination with SNI to Vertex AI, none to the metadata server.
+    istio = resources_by_kind("istio")
+    for name, cluster in ISTIO_GCP_CLUSTERS.items():
+        _, port, _, host = cluster.split("|")
+        (se,) = [r["spec"] for r in istio["ServiceEntry"] if host in r["spec"]["hosts"]]
+        assert se["hosts"] == [host]
+        assert se["exportTo"] == ["."]
+        assert se["location"] == "MESH_EXTERNAL"
+        assert se["resolution"] == "DNS"
+        assert [(p["number"], p["protocol"]) for p in se["ports"]] == [(int(port), "HTTP")], name
+        (dr,) = [r["spec"] for r in istio["DestinationRule"] if r["spec"]["host"] == host]
+        assert dr["exportTo"] == ["."]
+        if name == "vertex":
+            (level,) = dr["trafficPolicy"]["portLevelSettings"]
+            assert level["port"]["number"] == 443
+            assert level["tls"] == {"mode": "SIMPLE", "sni": VERTEX_HOST}
+        else:
+            assert dr["trafficPolicy"]["tls"] == {"mode": "DISABLE"}
+            assert "portLevelSettings" not in dr["trafficPolicy"]
+            assert seconds(dr["trafficPolicy"]["connectionPool"]["tcp"]["connectTimeout"]) <= 2
+
+    # Ready, not on: the one plugin configuration names none of them.
+    names = set(GCP_CLUSTERS.values()) | set(ISTIO_GCP_CLUSTERS.values())
+    for kit, cfg in kit_plugins().items():
+        assert not clusters_named_in(cfg) & names, kit
+        assert "backends" not in cfg, kit
+
+
+def workload_identity_backends():
+    """The backends of docs/workload-identity.md: its first JSON block, the keys that turn a
+    Vertex AI backend with workload identity on."""
+    with open(os.path.join(ROOT, "docs", "workload-identity.md")) as f:
+        return json.loads(re.search(r"```json\n(.*?)```", f.read(), re.S).group(1))
+
+
+def test_the_workload_identity_page_turns_vertex_on_in_every_gcp_kit(tmp_path):
+    """The configuration docs/workload-identity.md gives, added to each Google Cloud kit's own
+    plugin configuration (under Istio's cluster names there), is accepted by the filter in a
+    real Envoy with the kit's clusters."""
+    extra = workload_identity_backends()
+    assert set(extra) == {"backends", "retry"}
+    vertex, gemini = extra["backends"]
+    assert vertex["kind"] == "vertex" and vertex["cluster"] == GCP_CLUSTERS["vertex"]
+    assert vertex["auth"]["metadata"]["cluster"] == GCP_CLUSTERS["gce_metadata"]
+    assert gemini["kind"] == "gemini" and gemini["cluster"] == "gemini" and len(gemini["api_key_envs"]) == 2
+    plugins = kit_plugins()
+    clusters = gcp_kit_clusters()
+
+    # sidecar.yaml as shipped, with the backends added.
+    doc = render_envoy.render(os.path.join(ENVOY_DIR, "sidecar.yaml"), wasm=WASM,
+                              plugin=with_plugin(plugins["sidecar.yaml"], **extra))
+    out = validate(doc, tmp_path)
+    assert "backend vertex" not in out, "the vertex backend configured without a warning"
+
+    # Envoy Gateway: the patch's clusters.
+    plugin_config_in_envoy(with_plugin(plugins["envoy-gateway"], **extra), tmp_path,
+                           clusters=list(clusters["envoy-gateway"].values()))
+
+    # Istio: the same under the ServiceEntries' cluster names.
+    istio = copy.deepcopy(extra)
+    istio["backends"][0]["cluster"] = ISTIO_GCP_CLUSTERS["vertex"]
+    istio["backends"][0]["auth"]["metadata"]["cluster"] = ISTIO_GCP_CLUSTERS["gce_metadata"]
+    istio["backends"][1]["cluster"] = plugins["istio"]["gemini"]["cluster"]
+    cfg = with_plugin(plugins["istio"], **istio)
+    plugin_config_in_envoy(cfg, tmp_path, cluster_names=sorted(clusters_named_in(cfg)))
 
 
 # --- each kit fits together ----------------------------------------------------------------
@@ -560,10 +749,10 @@ def test_istio_resources_fit_together(tmp_path):
     docs = resources_by_kind("istio")
     plugin = docs["WasmPlugin"][0]["spec"]
     cfg = plugin["pluginConfig"]
-    se = docs["ServiceEntry"][0]["spec"]
+    se = named(docs["ServiceEntry"], "generativelanguage-googleapis")["spec"]
     port = se["ports"][0]["number"]
     assert cfg["gemini"]["cluster"] == "outbound|%d||%s" % (port, se["hosts"][0])
-    dr = docs["DestinationRule"][0]["spec"]
+    dr = named(docs["DestinationRule"], "generativelanguage-googleapis")["spec"]
     assert dr["host"] == se["hosts"][0]
     assert dr["trafficPolicy"]["portLevelSettings"][0]["tls"]["mode"] == "SIMPLE"
     env = {e["name"]: e for e in plugin["vmConfig"]["env"]}
@@ -610,10 +799,14 @@ def test_envoy_gateway_resources_fit_together(tmp_path):
         assert (p["type"], p["name"], p["operation"]["op"], p["operation"]["path"]) == (
             "type.googleapis.com/envoy.config.cluster.v3.Cluster", p["operation"]["value"]["name"], "add", "")
     by_name = {c["name"]: c for c in clusters}
-    assert set(by_name) == {cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]}
-    # Google's API over TLS, as in envoy/envoy.yaml.
+    assert set(by_name) == {cfg["gemini"]["cluster"], cfg["cache"]["l2"]["cluster"]} | set(GCP_CLUSTERS.values())
+    # Google's API over TLS, as in envoy/envoy.yaml; Vertex AI and the metadata server as in
+    # envoy/sidecar.yaml.
     shipped = {c["name"]: c for c in envoy_config("envoy.yaml")["static_resources"]["clusters"]}
     assert by_name[cfg["gemini"]["cluster"]] == shipped["gemini"]
+    sidecar = {c["name"]: c for c in envoy_config("sidecar.yaml")["static_resources"]["clusters"]}
+    for name in GCP_CLUSTERS.values():
+        assert by_name[name] == sidecar[name], name
     limit = docs["BackendTrafficPolicy"][0]["spec"]["requestBuffer"]["limit"]
     assert quantity(limit) >= largest_body(cfg)
     assert set(wasm["env"]["hostKeys"]) >= {"GEMINI_API_KEY", "IMAGE_CACHE_TOKEN"}

@@ -5,15 +5,21 @@
 //! (see `behaviour.rs`). Requests are checked as strictly as Google checks them, `inlineData`
 //! input images included (see `inputs.rs`).
 //!
-//! Usage: `fake-gemini --listen 127.0.0.1:PORT [--api-key KEY]`
+//! It also plays Vertex AI (`/v1/projects/.../publishers/google/models/M:generateContent`,
+//! OAuth bearer tokens or API keys) and the GCE metadata server that issues those tokens, and
+//! tests steer failures per key, token or path at run time (see `control.rs`).
+//!
+//! Usage: `fake-gemini --listen 127.0.0.1:PORT [--api-key KEY]... [--bearer TOKEN]...
+//! [--token-ttl-s N] [--token-secret S] [--project-id P]`
 
 mod behaviour;
+mod control;
 mod inputs;
 mod png;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use base64::Engine;
@@ -22,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use behaviour::{dimensions, flash_dimensions, google_status, nearest_ratio, parse_markers};
+use control::{Backend, Credentials, MetadataSettings, MetadataStats, Rule, Stats, TokenCheck, Tokens};
 use inputs::{Family, Inputs};
 
 /// Requests kept for `GET /__fake/requests`: at most this many, and at most
@@ -41,7 +48,13 @@ type PngKey = (u32, u32, u8);
 
 #[derive(Default)]
 struct State {
-    api_key: Option<String>,
+    /// `--api-key`, in order (empty: any key, or none, is taken on the Gemini API path).
+    api_keys: Vec<String>,
+    rules: Mutex<Vec<Rule>>,
+    stats: Mutex<Stats>,
+    tokens: Mutex<Tokens>,
+    metadata: Mutex<MetadataSettings>,
+    metadata_stats: Mutex<MetadataStats>,
     recorded: Mutex<Recorded>,
     calls_per_prompt: Mutex<HashMap<String, u64>>,
     png_cache: Mutex<HashMap<PngKey, Arc<Vec<u8>>>>,
@@ -99,6 +112,8 @@ struct Request {
 struct Response {
     status: u16,
     content_type: String,
+    /// More headers (lower-case names).
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
     delay_ms: u64,
     slow_body_ms: u64,
@@ -110,16 +125,38 @@ impl Response {
         Response {
             status,
             content_type: "application/json; charset=UTF-8".into(),
+            headers: Vec::new(),
             body: v.to_string().into_bytes(),
             delay_ms: 0,
             slow_body_ms: 0,
             reset: false,
         }
     }
+
+    fn text(status: u16, content_type: &str, body: &str) -> Response {
+        Response {
+            content_type: content_type.into(),
+            body: body.as_bytes().to_vec(),
+            ..Response::json(status, Value::Null)
+        }
+    }
+
+    fn header(mut self, name: &str, value: &str) -> Response {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// A lock that survives a panic elsewhere (the state stays usable for the next request).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn usage() -> ! {
-    eprintln!("usage: fake-gemini --listen HOST:PORT [--api-key KEY]");
+    eprintln!(
+        "usage: fake-gemini --listen HOST:PORT [--api-key KEY]... [--bearer TOKEN]... [--token-ttl-s SECONDS] \
+         [--token-secret SECRET] [--project-id ID]"
+    );
     std::process::exit(2)
 }
 
@@ -127,14 +164,29 @@ fn usage() -> ! {
 async fn main() {
     let mut listen = None;
     let mut state = State::default();
+    let mut bearers = Vec::new();
+    let mut secret = None;
     let mut args = std::env::args().skip(1);
+    let value = |args: &mut std::iter::Skip<std::env::Args>| args.next().unwrap_or_else(|| usage());
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--listen" => listen = args.next(),
-            "--api-key" => state.api_key = args.next(),
-            "-h" | "--help" => usage(),
+            "--listen" => listen = Some(value(&mut args)),
+            "--api-key" => state.api_keys.push(value(&mut args)),
+            "--bearer" => bearers.push(value(&mut args)),
+            "--token-secret" => secret = Some(value(&mut args)),
+            "--token-ttl-s" => match value(&mut args).parse() {
+                Ok(n) => lock(&state.metadata).expires_in = n,
+                Err(_) => usage(),
+            },
+            "--project-id" => lock(&state.metadata).project_id = value(&mut args),
             _ => usage(),
         }
+    }
+    if let Some(s) = secret {
+        *lock(&state.tokens) = Tokens::new(s);
+    }
+    for b in bearers {
+        lock(&state.tokens).add_static(b);
     }
     let listen = listen.unwrap_or_else(|| "127.0.0.1:8081".to_string());
     let listener = match TcpListener::bind(&listen).await {
@@ -240,12 +292,14 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> std::io::Result<()> 
             let _ = stream.set_linger(Some(Duration::from_secs(0)));
             return Ok(());
         }
+        let extra: String = resp.headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         let head = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}{}\r\n",
             resp.status,
             reason(resp.status),
             resp.content_type,
             resp.body.len(),
+            extra,
             if req.keep_alive { "" } else { "connection: close\r\n" }
         );
         stream.write_all(head.as_bytes()).await?;
@@ -272,9 +326,13 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        409 => "Conflict",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Status",
     }
 }
@@ -324,9 +382,116 @@ fn handle(req: &Request, state: &State) -> Response {
                 json!({"method": req.method, "path": req.path, "headers": headers, "body": String::from_utf8_lossy(&req.body)}),
             )
         }
-        ("POST", p) if p.starts_with("/v1beta/models/") && p.ends_with(":generateContent") => generate(req, p, state),
+        ("GET", "/__fake/rules") => {
+            Response::json(200, Value::Array(lock(&state.rules).iter().map(Rule::to_json).collect()))
+        }
+        ("PUT" | "POST", "/__fake/rules") => match control::parse_rules(&req.body) {
+            Ok(new) => {
+                let mut rules = lock(&state.rules);
+                if req.method == "PUT" {
+                    rules.clear();
+                }
+                rules.extend(new);
+                Response::json(200, json!({"rules": rules.len()}))
+            }
+            Err(e) => Response::json(400, json!({"error": e})),
+        },
+        ("DELETE", "/__fake/rules") => {
+            lock(&state.rules).clear();
+            Response::json(200, json!({"rules": 0}))
+        }
+        ("GET", "/__fake/stats") => Response::json(200, lock(&state.stats).to_json(&lock(&state.rules))),
+        ("DELETE", "/__fake/stats") => {
+            *lock(&state.stats) = Stats::default();
+            Response::json(200, json!({"cleared": true}))
+        }
+        ("GET", "/__fake/metadata") => Response::json(200, lock(&state.metadata).to_json()),
+        ("PUT", "/__fake/metadata") => {
+            let mut m = lock(&state.metadata);
+            match m.update(&req.body) {
+                Ok(()) => Response::json(200, m.to_json()),
+                Err(e) => Response::json(400, json!({"error": e})),
+            }
+        }
+        ("GET", "/__fake/metadata/stats") => Response::json(200, lock(&state.metadata_stats).to_json()),
+        ("DELETE", "/__fake/metadata/stats") => {
+            *lock(&state.metadata_stats) = MetadataStats::default();
+            Response::json(200, json!({"cleared": true}))
+        }
+        ("PUT", "/__fake/tokens") => match control::parse_token_registration(&req.body, control::now_ms()) {
+            Ok((token, expires_at_ms)) => {
+                lock(&state.tokens).register(token, expires_at_ms);
+                Response::json(200, json!({"registered": true}))
+            }
+            Err(e) => Response::json(400, json!({"error": e})),
+        },
+        ("DELETE", "/__fake/tokens") => {
+            lock(&state.tokens).revoke(control::now_us());
+            Response::json(200, json!({"revoked": true}))
+        }
+        ("GET", "/computeMetadata/v1/instance/service-accounts/default/token") => metadata_token(req, state),
+        ("GET", "/computeMetadata/v1/project/project-id") => {
+            lock(&state.metadata_stats).project_id_fetches += 1;
+            if !control::metadata_allowed(&req.headers) {
+                return metadata_refused(path);
+            }
+            let project = lock(&state.metadata).project_id.clone();
+            Response::text(200, "application/text", &project).header("metadata-flavor", "Google")
+        }
+        (_, p) if p.starts_with("/computeMetadata/") => {
+            Response::text(404, "text/html; charset=UTF-8", "Not Found").header("metadata-flavor", "Google")
+        }
+        ("POST", p) if control::route(p).is_some() => generate(req, p, state),
         _ => google_error(404, &format!("Method not found: {} {}", req.method, path), json!([])),
     }
+}
+
+/// GCE's answer to a metadata request without `Metadata-Flavor: Google` (or with
+/// `X-Forwarded-For`).
+fn metadata_refused(path: &str) -> Response {
+    Response::text(
+        403,
+        "text/html; charset=UTF-8",
+        &format!("Your client does not have permission to get URL {path} from this server. Missing Metadata-Flavor:Google header."),
+    )
+}
+
+/// `GET /computeMetadata/v1/instance/service-accounts/default/token`: a new access token for
+/// each fetch, valid for `expires_in` seconds for Vertex calls to this process (and to any
+/// fake-gemini with the same `--token-secret`).
+fn metadata_token(req: &Request, state: &State) -> Response {
+    lock(&state.metadata_stats).token_fetches += 1;
+    if !control::metadata_allowed(&req.headers) {
+        lock(&state.metadata_stats).refused += 1;
+        return metadata_refused(req.path.split('?').next().unwrap_or(""));
+    }
+    let (fail, expires_in, delay_ms) = {
+        let mut m = lock(&state.metadata);
+        let fail = m.fail.filter(|_| m.fail_times != Some(0));
+        if fail.is_some() {
+            if let Some(n) = m.fail_times {
+                m.fail_times = Some(n - 1);
+                if n == 1 {
+                    m.fail = None;
+                    m.fail_times = None;
+                }
+            }
+        }
+        (fail, m.expires_in, m.delay_ms)
+    };
+    let mut resp = match fail {
+        Some(code) => {
+            lock(&state.metadata_stats).failed += 1;
+            Response::text(code, "text/plain; charset=UTF-8", "fake metadata server failure")
+        }
+        None => {
+            let token = lock(&state.tokens).issue(expires_in, control::now_us());
+            lock(&state.metadata_stats).tokens_issued += 1;
+            Response::json(200, json!({"access_token": token, "expires_in": expires_in, "token_type": "Bearer"}))
+        }
+    };
+    resp.delay_ms = delay_ms;
+    resp.header("metadata-flavor", "Google")
 }
 
 /// The percent-decoded value of `name` in a query string (`+` is a space).
@@ -367,48 +532,211 @@ fn value_contains(v: &Value, needle: &str, in_blob: bool) -> bool {
     }
 }
 
-fn record(req: &Request, state: &State, body: &Value) {
+/// What a `generateContent` call was answered, for the record and the stats.
+struct Outcome<'a> {
+    backend: Backend,
+    status: String,
+    api_key_label: Option<&'a str>,
+    bearer_label: Option<&'a str>,
+}
+
+fn record(req: &Request, state: &State, body: &Value, outcome: &Outcome) {
     let headers: serde_json::Map<String, Value> =
         req.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     let size = req.body.len() + req.path.len() + req.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-    let entry = json!({"method": req.method, "path": req.path, "headers": headers, "body": body});
-    if let Ok(mut r) = state.recorded.lock() {
-        r.push(size, entry, RECORDED_MAX, RECORDED_BYTES_MAX);
-    }
+    let status = outcome.status.parse::<u16>().map(Value::from).unwrap_or_else(|_| Value::from(outcome.status.clone()));
+    let entry = json!({"method": req.method, "path": req.path, "headers": headers, "body": body,
+                       "backend": outcome.backend.name(), "status": status,
+                       "api_key_label": outcome.api_key_label, "bearer_label": outcome.bearer_label});
+    lock(&state.recorded).push(size, entry, RECORDED_MAX, RECORDED_BYTES_MAX);
 }
 
-fn generate(req: &Request, path: &str, state: &State) -> Response {
-    let body: Value = match serde_json::from_slice(&req.body) {
-        Ok(v) => v,
-        Err(e) => return google_error(400, &format!("Invalid JSON payload received. {e}"), json!([])),
-    };
-    record(req, state, &body);
-
-    let key = req.headers.iter().find(|(k, _)| k == "x-goog-api-key").map(|(_, v)| v.as_str());
-    if let Some(expected) = &state.api_key {
-        match key {
-            None => return google_error(403, "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.", json!([])),
-            Some(k) if k != expected => {
-                return google_error(
-                    400,
-                    "API key not valid. Please pass a valid API key.",
-                    json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]),
-                )
-            }
-            _ => {}
-        }
-    }
-
-    let prompt: String = body["contents"]
+/// The prompt: every text part of every content, one per line.
+fn prompt_of(body: &Value) -> String {
+    body["contents"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|c| c["parts"].as_array().into_iter().flatten())
         .filter_map(|p| p["text"].as_str())
         .collect::<Vec<_>>()
-        .join("\n");
-    let model = path.trim_start_matches("/v1beta/models/").trim_end_matches(":generateContent");
-    let m = parse_markers(&prompt);
+        .join("\n")
+}
+
+/// A `generateContent` call on either backend: the first matching rule, else the credentials,
+/// the body and the markers decide. Every call is counted and recorded, whatever its answer.
+fn generate(req: &Request, path: &str, state: &State) -> Response {
+    let Some((backend, model)) = control::route(path) else {
+        return google_error(404, &format!("Method not found: {} {}", req.method, path), json!([]));
+    };
+    let parsed: Result<Value, String> = serde_json::from_slice(&req.body).map_err(|e| e.to_string());
+    let prompt = parsed.as_ref().map(prompt_of).unwrap_or_default();
+    let creds = Credentials::of(&req.headers);
+    let key_index = creds.api_key.as_ref().and_then(|k| state.api_keys.iter().position(|x| x == k));
+    let key_label =
+        creds.api_key.as_ref().map(|k| key_index.map(|i| i.to_string()).unwrap_or_else(|| control::last4(k)));
+    let token = creds.bearer.as_ref().map(|t| lock(&state.tokens).check(t, control::now_us()));
+    let facts = control::Facts { path, backend, credentials: &creds, api_key_index: key_index, prompt: &prompt };
+    let rule = control::take_rule(&mut lock(&state.rules), &facts);
+    let mut resp = match rule.as_ref().and_then(|r| rule_answer(r, backend, path, model)) {
+        Some(r) => r,
+        None => match auth_error(backend, &creds, key_index, token.as_ref(), state) {
+            Some(r) => r,
+            None => match &parsed {
+                Err(e) => google_error(400, &format!("Invalid JSON payload received. {e}"), json!([])),
+                Ok(body) => answer(req, path, model, body, &prompt, state),
+            },
+        },
+    };
+    if let Some(r) = &rule {
+        resp.delay_ms += r.delay_ms;
+    }
+    let outcome = Outcome {
+        backend,
+        status: if resp.reset { "reset".into() } else { resp.status.to_string() },
+        api_key_label: key_label.as_deref(),
+        bearer_label: token.as_ref().map(TokenCheck::label),
+    };
+    lock(&state.stats).count(backend, creds.kind(), outcome.api_key_label, outcome.bearer_label, &outcome.status);
+    record(req, state, parsed.as_ref().unwrap_or(&Value::Null), &outcome);
+    resp
+}
+
+fn error_info(reason: &str, backend: Backend) -> Value {
+    let (service, method) = match backend {
+        Backend::Gemini => (
+            "generativelanguage.googleapis.com",
+            "google.ai.generativelanguage.v1beta.GenerativeService.GenerateContent",
+        ),
+        Backend::Vertex => {
+            ("aiplatform.googleapis.com", "google.cloud.aiplatform.v1.PredictionService.GenerateContent")
+        }
+    };
+    json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com",
+           "metadata": {"service": service, "method": method}})
+}
+
+const INVALID_CREDENTIALS: &str = "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.";
+
+/// Google's 401 for a bearer token it does not take (`reason`: ACCESS_TOKEN_EXPIRED,
+/// ACCESS_TOKEN_TYPE_UNSUPPORTED, CREDENTIALS_MISSING).
+fn unauthenticated(backend: Backend, reason: &str) -> Response {
+    let message = if reason == "CREDENTIALS_MISSING" {
+        "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
+    } else {
+        INVALID_CREDENTIALS
+    };
+    let challenge = if reason == "CREDENTIALS_MISSING" {
+        "Bearer realm=\"https://accounts.google.com/\""
+    } else {
+        "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\""
+    };
+    google_error(401, message, json!([error_info(reason, backend)])).header("www-authenticate", challenge)
+}
+
+fn api_key_invalid() -> Response {
+    google_error(
+        400,
+        "API key not valid. Please pass a valid API key.",
+        json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]),
+    )
+}
+
+/// The answer to a call whose credentials are missing or wrong, if they are.
+///
+/// Gemini API: with `--api-key`, a missing key is a 403 and an unlisted one a 400
+/// API_KEY_INVALID (a bearer token is not looked at). Vertex AI: a bearer token must be valid
+/// here (else 401); without one, an `x-goog-api-key` is taken as on the Gemini API path; with
+/// neither, 401.
+fn auth_error(
+    backend: Backend,
+    creds: &Credentials,
+    key_index: Option<usize>,
+    token: Option<&TokenCheck>,
+    state: &State,
+) -> Option<Response> {
+    let key_refused = !state.api_keys.is_empty() && key_index.is_none();
+    match backend {
+        Backend::Gemini => match &creds.api_key {
+            None if !state.api_keys.is_empty() => Some(google_error(403, "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.", json!([]))),
+            Some(_) if key_refused => Some(api_key_invalid()),
+            _ => None,
+        },
+        Backend::Vertex => match (token, &creds.api_key) {
+            _ if creds.malformed_authorization => Some(unauthenticated(backend, "ACCESS_TOKEN_TYPE_UNSUPPORTED")),
+            (Some(TokenCheck::Valid(_)), _) => None,
+            (Some(TokenCheck::Expired(_)), _) => Some(unauthenticated(backend, "ACCESS_TOKEN_EXPIRED")),
+            (Some(TokenCheck::Unknown(_)), _) => Some(unauthenticated(backend, "ACCESS_TOKEN_TYPE_UNSUPPORTED")),
+            (None, Some(_)) if key_refused => Some(api_key_invalid()),
+            (None, Some(_)) => None,
+            (None, None) => Some(unauthenticated(backend, "CREDENTIALS_MISSING")),
+        },
+    }
+}
+
+/// What a rule answers: a dropped connection, or Google's error for its status (`None`: the
+/// rule only delays the call, which is then answered as usual).
+fn rule_answer(rule: &Rule, backend: Backend, path: &str, model: &str) -> Option<Response> {
+    if rule.reset {
+        return Some(Response { reset: true, ..Response::json(200, Value::Null) });
+    }
+    let code = rule.status?;
+    let retry = rule.retry_after_s.map(control::duration_json);
+    let (message, mut details) = match (code, backend) {
+        (429, Backend::Gemini) => (
+            format!(
+                "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.\n* Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_paid_tier_requests, limit: 20, model: {model}{}",
+                retry.as_ref().map(|r| format!("\nPlease retry in {r}.")).unwrap_or_default()
+            ),
+            vec![
+                json!({"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_paid_tier_requests",
+                    "quotaId": "GenerateRequestsPerMinutePerProjectPerModel", "quotaValue": "20",
+                    "quotaDimensions": {"location": "global", "model": model}}]}),
+                json!({"@type": "type.googleapis.com/google.rpc.Help", "links": [{
+                    "description": "Learn more about Gemini API quotas", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]}),
+            ],
+        ),
+        (429, Backend::Vertex) => ("Resource exhausted. Please try again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429 for more details.".to_string(), vec![]),
+        (401, _) => (INVALID_CREDENTIALS.to_string(), vec![error_info("ACCESS_TOKEN_EXPIRED", backend)]),
+        (403, Backend::Gemini) => ("Permission denied: Consumer has been suspended.".to_string(), vec![error_info("CONSUMER_SUSPENDED", backend)]),
+        (403, Backend::Vertex) => {
+            let resource = path.trim_start_matches('/').split_once('/').map(|(_, r)| r).unwrap_or(path);
+            let resource = resource.trim_end_matches(":generateContent");
+            (
+                format!("Permission 'aiplatform.endpoints.predict' denied on resource '//aiplatform.googleapis.com/{resource}' (or it may not exist)."),
+                vec![error_info("IAM_PERMISSION_DENIED", backend)],
+            )
+        }
+        (400, _) => ("Request contains an invalid argument.".to_string(), vec![]),
+        (404, _) => ("Requested entity was not found.".to_string(), vec![]),
+        (500, _) => ("Internal error encountered.".to_string(), vec![]),
+        (503, _) => ("The model is overloaded. Please try again later.".to_string(), vec![]),
+        (504, _) => ("Deadline expired before operation could complete.".to_string(), vec![]),
+        _ => ("Fake failure.".to_string(), vec![]),
+    };
+    if let Some(reason) = &rule.reason {
+        details.retain(|d| d["@type"] != "type.googleapis.com/google.rpc.ErrorInfo");
+        details.insert(0, error_info(reason, backend));
+    }
+    if let Some(r) = &retry {
+        details.push(json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": r}));
+    }
+    let mut resp = google_error(code, rule.message.as_deref().unwrap_or(&message), Value::Array(details));
+    if code == 401 {
+        resp =
+            resp.header("www-authenticate", "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\"");
+    }
+    if let (true, Some(s)) = (rule.retry_after_header, rule.retry_after_s) {
+        resp = resp.header("retry-after", &(s.ceil() as u64).to_string());
+    }
+    Some(resp)
+}
+
+/// The answer of a call that passed the rules and the credential checks: the body's checks,
+/// then the markers.
+fn answer(req: &Request, path: &str, model: &str, body: &Value, prompt: &str, state: &State) -> Response {
+    let m = parse_markers(prompt);
     let cacheable = m.fail_first == 0;
     let key = answer_key(path, &req.body);
     let known = if cacheable {
@@ -419,12 +747,12 @@ fn generate(req: &Request, path: &str, state: &State) -> Response {
     let mut resp = match known {
         Some(r) => r.as_ref().clone(),
         None => {
-            let r = match inputs::check(&body, model) {
+            let r = match inputs::check(body, model) {
                 Err(e) => google_error(400, &e.message, e.details()),
                 Ok(i) if i.text.is_empty() && i.images.is_empty() => {
                     google_error(400, "* GenerateContentRequest.contents: contents is not specified", json!([]))
                 }
-                Ok(i) => respond(&m, &prompt, &body, model, &i, state),
+                Ok(i) => respond(&m, prompt, body, model, &i, state),
             };
             if cacheable {
                 if let Ok(mut a) = state.answers.lock() {

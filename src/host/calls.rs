@@ -76,6 +76,10 @@ pub fn define_counter(name: &str) -> Option<u32> {
     hostcalls::define_metric(MetricType::Counter, name).ok()
 }
 
+pub fn define_gauge(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Gauge, name).ok()
+}
+
 pub fn define_histogram(name: &str) -> Option<u32> {
     hostcalls::define_metric(MetricType::Histogram, name).ok()
 }
@@ -97,6 +101,19 @@ pub fn shared_get(key: &str) -> Option<Vec<u8>> {
         Ok((Some(v), _)) if !v.is_empty() => Some(v),
         _ => None,
     }
+}
+
+pub fn shared_get_cas(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    match hostcalls::get_shared_data(key) {
+        Ok((value, cas)) => (value.filter(|v| !v.is_empty()), cas),
+        Err(_) => (None, None),
+    }
+}
+
+/// Sets a shared-data value if it is still at version `cas`; false when it changed or the
+/// host refused.
+pub fn shared_set_cas(key: &str, value: &[u8], cas: Option<u32>) -> bool {
+    hostcalls::set_shared_data(key, Some(value), cas).is_ok()
 }
 
 /// Sets a shared-data value; false when the host refused.

@@ -14,7 +14,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel as HostLevel};
 use crate::access_log::LogLevel;
 use crate::driver::{Host, StreamDriver, Verdict, WorkerDriver};
 use crate::exchange::{HttpCall, Reply};
-use crate::metrics::{Counter, Histogram};
+use crate::metrics::{Counter, Gauge, Histogram};
 use metrics::Metrics;
 
 proxy_wasm::main! {{
@@ -59,6 +59,12 @@ impl Host for ProxyHost {
     fn shared_set(&mut self, key: &str, value: &[u8]) -> bool {
         calls::shared_set(key, value)
     }
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        calls::shared_get_cas(key)
+    }
+    fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        calls::shared_set_cas(key, value, cas)
+    }
     fn log(&mut self, level: LogLevel, message: &str) {
         calls::log(level, message)
     }
@@ -67,6 +73,9 @@ impl Host for ProxyHost {
     }
     fn observe(&mut self, histogram: Histogram, value: u64) {
         self.metrics.observe(histogram, value)
+    }
+    fn gauge(&mut self, gauge: &Gauge, value: u64) {
+        self.metrics.set(gauge, value)
     }
 }
 
@@ -83,8 +92,8 @@ struct Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
-        self.driver.on_call_response(&mut self.host, token_id, num_headers);
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        self.driver.on_call_response(&mut self.host, token_id, num_headers, body_size);
     }
 }
 
@@ -98,7 +107,7 @@ impl RootContext for Root {
                     calls::set_tick(Duration::from_millis(ms));
                 }
                 if let Some(settings) = self.driver.settings() {
-                    self.host.metrics = Rc::new(Metrics::define(&settings.families));
+                    self.host.metrics = Rc::new(Metrics::define(settings));
                 }
                 true
             }
