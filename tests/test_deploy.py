@@ -388,14 +388,14 @@ def test_every_kit_buffers_more_than_the_largest_body_the_filter_accepts():
 
 # --- no route reaches the filter's clusters (issue 11, contract section 14) ----------------
 
-def clusters_named_in(plugin):
-    """Every cluster a plugin configuration names (gemini, cache.l2, and any backend's)."""
+def values_named_in(plugin, name):
+    """Every string value of a key called `name`, at any depth of a plugin configuration."""
     found = set()
 
     def walk(v):
         if isinstance(v, dict):
             for k, x in v.items():
-                if k == "cluster" and isinstance(x, str):
+                if k == name and isinstance(x, str):
                     found.add(x)
                 walk(x)
         elif isinstance(v, list):
@@ -403,23 +403,16 @@ def clusters_named_in(plugin):
                 walk(x)
     walk(plugin)
     return found
+
+
+def clusters_named_in(plugin):
+    """Every cluster a plugin configuration names (gemini, cache.l2, and any backend's)."""
+    return values_named_in(plugin, "cluster")
 
 
 def authorities_named_in(plugin):
     """Every `authority` a plugin configuration names (gemini, cache.l2, backends, metadata)."""
-    found = set()
-
-    def walk(v):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if k == "authority" and isinstance(x, str):
-                    found.add(x)
-                walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-    walk(plugin)
-    return found
+    return values_named_in(plugin, "authority")
 
 
 def strings_in(v):
