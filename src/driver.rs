@@ -661,7 +661,7 @@ impl StreamDriver {
     fn body_complete(&mut self, host: &mut dyn Host, size: usize) {
         let body = host.request_body(size);
         let now = host.now_ms();
-        self.feed(host, |ex| ex.on_body(&body, now));
+        self.feed(host, |ex| ex.on_body(body, now));
     }
 
     fn feed(&mut self, host: &mut dyn Host, event: impl FnOnce(&mut Exchange) -> Vec<Effect>) {

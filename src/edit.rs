@@ -33,13 +33,13 @@ struct Input<'a> {
     bytes: &'a [u8],
 }
 
-/// Reads an edit or variation: the request, and the body of its Gemini calls.
+/// Reads an edit or variation: the request, and where its images lie in `body`.
 pub fn read_edit(
     body: &[u8],
     content_type: Option<&str>,
     settings: &Settings,
     endpoint: Endpoint,
-) -> Result<(ImageRequest, Vec<u8>), Rejection> {
+) -> Result<(ImageRequest, Inputs), Rejection> {
     let mut known = Rejection::new();
     match read(body, content_type, settings, endpoint, &mut known) {
         Ok(r) => Ok(r),
@@ -57,7 +57,7 @@ fn read(
     settings: &Settings,
     endpoint: Endpoint,
     known: &mut Rejection,
-) -> Result<(ImageRequest, Vec<u8>), ApiError> {
+) -> Result<(ImageRequest, Inputs), ApiError> {
     let boundary = multipart::boundary(content_type.unwrap_or("")).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidRequest,
@@ -115,18 +115,59 @@ fn read(
         known.prompt_hash = Some(req.prompt_hash.clone());
     }
 
-    let inline: Vec<InlineImage> =
-        inputs.iter().chain(mask.iter()).map(|i| InlineImage { mime_type: i.kind.as_str(), bytes: i.bytes }).collect();
-    let spec = CallSpec {
-        prompt: &req.final_prompt,
-        ratio: req.ratio,
-        image_size: req.image_size,
-        safety: req.safety,
-        images: &inline,
-        closing_text: req.closing_text.as_deref(),
+    // Where the images lie in the body, so that the Gemini call can be built later from the
+    // same bytes, and only if the cache does not answer first.
+    let at = |i: &Input| {
+        let start = (i.bytes.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+        Some(Placed { kind: i.kind, start, end: start.checked_add(i.bytes.len())? })
     };
-    let gemini_body = gemini::request_body(&spec);
-    Ok((req, gemini_body))
+    let images = inputs
+        .iter()
+        .chain(mask.iter())
+        .map(at)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ApiError::new(ErrorCode::InternalError, "an input image was not inside the request body"))?;
+    Ok((req, Inputs { images }))
+}
+
+/// An input image (or the mask) as a range of the request body, with its type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Placed {
+    kind: ImageType,
+    start: usize,
+    end: usize,
+}
+
+/// An edit's images (the mask last, when there is one), as ranges of its request body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inputs {
+    images: Vec<Placed>,
+}
+
+impl Inputs {
+    /// How large the Gemini call's body will be, about: the images in base64.
+    pub fn encoded_len(&self) -> u64 {
+        self.images.iter().map(|i| crate::base64::encoded_len(i.end.saturating_sub(i.start)) as u64 + 64).sum()
+    }
+
+    /// The body of each Gemini call: the prompt, every image in order, then the mask and its
+    /// instruction. `body` is the request body the ranges point into.
+    pub fn gemini_body(&self, req: &ImageRequest, body: &[u8]) -> Vec<u8> {
+        let inline: Vec<InlineImage> = self
+            .images
+            .iter()
+            .map(|i| InlineImage { mime_type: i.kind.as_str(), bytes: body.get(i.start..i.end).unwrap_or_default() })
+            .collect();
+        let spec = CallSpec {
+            prompt: &req.final_prompt,
+            ratio: req.ratio,
+            image_size: req.image_size,
+            safety: req.safety,
+            images: &inline,
+            closing_text: req.closing_text.as_deref(),
+        };
+        gemini::request_body(&spec)
+    }
 }
 
 type Split<'p, 'a> = (Map<String, Value>, Vec<&'p Part<'a>>, Option<&'p Part<'a>>);

@@ -63,7 +63,11 @@ fn edit(parts: &[P]) -> Result<(ImageRequest, Value), Rejection> {
 }
 
 fn edit_with(s: &Settings, endpoint: Endpoint, parts: &[P]) -> Result<(ImageRequest, Value), Rejection> {
-    let (req, body) = read_edit(&form(parts), Some(&content_type()), s, endpoint)?;
+    let upload = form(parts);
+    let (req, inputs) = read_edit(&upload, Some(&content_type()), s, endpoint)?;
+    let body = inputs.gemini_body(&req, &upload);
+    let estimate = inputs.encoded_len() + req.final_prompt.len() as u64 + 1024;
+    assert!(estimate >= body.len() as u64 && estimate <= body.len() as u64 + 2048, "the estimate is close");
     Ok((req, serde_json::from_slice(&body).unwrap()))
 }
 

@@ -163,9 +163,10 @@ impl Phase {
 /// A valid request and what the cache does for it.
 struct Planned {
     req: ImageRequest,
-    /// The body of each Gemini call, built once while the request body was at hand (an
-    /// edit's images are encoded into it) and shared by the `n` calls.
-    gemini_body: Rc<Vec<u8>>,
+    /// The body of each Gemini call, built once and shared by the `n` calls: at once for a
+    /// generation, for an edit only when the cache did not answer (its images are encoded
+    /// into it from the request body, kept until then).
+    call_body: CallBody,
     cache: CachePlan,
 }
 
@@ -200,6 +201,35 @@ pub struct CallMeta {
     pub backend: usize,
     /// Attempts it took (1 without a retry).
     pub attempts: u32,
+}
+
+enum CallBody {
+    Built(Rc<Vec<u8>>),
+    Edit { upload: Vec<u8>, inputs: edit::Inputs },
+}
+
+impl Planned {
+    /// The Gemini call body's size, about, before it is built.
+    fn call_body_len(&self) -> u64 {
+        match &self.call_body {
+            CallBody::Built(b) => b.len() as u64,
+            // The images, the prompt, and about a kilobyte of JSON around them.
+            CallBody::Edit { inputs, .. } => {
+                inputs.encoded_len().saturating_add(self.req.final_prompt.len() as u64).saturating_add(1024)
+            }
+        }
+    }
+
+    /// The Gemini call body, built now if it was not.
+    fn call_body(&mut self) -> Rc<Vec<u8>> {
+        let built = match &self.call_body {
+            CallBody::Built(b) => return b.clone(),
+            CallBody::Edit { upload, inputs } => Rc::new(inputs.gemini_body(&self.req, upload)),
+        };
+        // The upload is no longer needed once its images are in the call body.
+        self.call_body = CallBody::Built(built.clone());
+        built
+    }
 }
 
 /// What a request learned before it could be refused: for the headers and the log line.
@@ -333,14 +363,15 @@ impl Exchange {
     }
 
     /// The whole body is here.
-    pub fn on_body(&mut self, body: &[u8], now_ms: u64) -> Vec<Effect> {
+    pub fn on_body(&mut self, body: impl Into<Vec<u8>>, now_ms: u64) -> Vec<Effect> {
+        let body: Vec<u8> = body.into();
         if !matches!(self.phase, Phase::Receiving) {
             return Vec::new();
         }
         if body.len() > self.body_limit() {
             return self.too_large(now_ms);
         }
-        let (req, gemini_body) = match self.read_request(body) {
+        let (req, call_body) = match self.read_request(body) {
             Ok(r) => r,
             Err(rejection) => {
                 self.known =
@@ -354,7 +385,7 @@ impl Exchange {
             safety: Some(req.safety),
         };
         let cache = self.plan_cache(&req);
-        let planned = Box::new(Planned { req, gemini_body: Rc::new(gemini_body), cache });
+        let planned = Box::new(Planned { req, call_body, cache });
         match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
             (Some(key), Some(l1)) if planned.cache.lookup => {
                 let effect = Effect::LookupL1 {
@@ -378,7 +409,7 @@ impl Exchange {
     }
 
     /// The request, and the body of its Gemini calls.
-    fn read_request(&self, body: &[u8]) -> Result<(ImageRequest, Vec<u8>), Rejection> {
+    fn read_request(&self, body: Vec<u8>) -> Result<(ImageRequest, CallBody), Rejection> {
         let content_type = self.head.content_type.as_deref();
         match self.endpoint {
             Endpoint::Generations => {
@@ -390,7 +421,7 @@ impl Exchange {
                     );
                     return Err(Rejection { error: e, ..Rejection::new() });
                 }
-                let req = request::parse_request(body, &self.settings)?;
+                let req = request::parse_request(&body, &self.settings)?;
                 let spec = gemini::CallSpec {
                     prompt: &req.final_prompt,
                     ratio: req.ratio,
@@ -400,10 +431,11 @@ impl Exchange {
                     closing_text: None,
                 };
                 let gemini_body = gemini::request_body(&spec);
-                Ok((req, gemini_body))
+                Ok((req, CallBody::Built(Rc::new(gemini_body))))
             }
             Endpoint::Edits | Endpoint::Variations => {
-                edit::read_edit(body, content_type, &self.settings, self.endpoint)
+                let (req, inputs) = edit::read_edit(&body, content_type, &self.settings, self.endpoint)?;
+                Ok((req, CallBody::Edit { upload: body, inputs }))
             }
         }
     }
@@ -509,7 +541,7 @@ impl Exchange {
         // The answers it expects, and the call body it holds (an edit's images, encoded).
         let bytes = u64::from(planned.req.n)
             .saturating_mul(answer_estimate(planned.req.image_size))
-            .saturating_add(planned.gemini_body.len() as u64);
+            .saturating_add(planned.call_body_len());
         self.phase = Phase::Admitting(planned);
         effects.push(Effect::Admit { bytes });
         effects
@@ -530,12 +562,13 @@ impl Exchange {
         self.error_reply(e, ending, now_ms)
     }
 
-    fn call_gemini(&mut self, planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
+    fn call_gemini(&mut self, mut planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
+        let body = planned.call_body();
         let req = &planned.req;
         let count = req.n;
         let effect = Effect::CallGemini {
             count,
-            body: planned.gemini_body.clone(),
+            body,
             upstream: req.upstream.clone(),
             reserved_bytes: answer_estimate(req.image_size),
             deadline_ms: self.started_ms.saturating_add(self.settings.gemini.timeout_ms),
