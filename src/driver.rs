@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::access_log::LogLevel;
-use crate::backends::{self, Attempts, Cooldown, Credential, KeyRef, Next, Pick, Token};
+use crate::backends::{self, Attempts, Backends, Cooldown, Credential, KeyRef, Next, Pick, Token};
 use crate::cache;
 use crate::config::{ConfigError, Settings};
 use crate::endpoint::Endpoint;
@@ -253,7 +253,7 @@ impl WorkerDriver {
         let Some(settings) = self.settings.clone() else { return };
         let now = host.now_ms();
         for (b, name, cluster, authority) in metadata_backends(&settings) {
-            let token = host.shared_get(&backends::token_key(&settings.backends, b)).and_then(|v| Token::decode(&v));
+            let token = read_token(host, &settings.backends, b);
             let age = token.as_ref().map_or(0, |t| now.saturating_sub(t.fetched_at_ms) / 1000);
             host.gauge(&Gauge::TokenAgeSeconds(name.to_string()), age);
             let due = token.as_ref().is_none_or(|t| t.refresh_due(now));
@@ -580,9 +580,7 @@ impl StreamDriver {
             }
             let picked = {
                 let reader: &dyn Host = host;
-                let mut cooldown = |k: KeyRef| {
-                    reader.shared_get(&backends::cooldown_key(backends, k)).and_then(|v| Cooldown::decode(&v))
-                };
+                let mut cooldown = |k: KeyRef| read_cooldown(reader, backends, k);
                 let ready = |k: KeyRef| credential_ready(&settings, reader, k, now);
                 match self.worker.try_borrow_mut() {
                     Ok(mut w) => backends::pick(backends, &attempts, &mut cooldown, &ready, &mut w.turns, now),
@@ -596,11 +594,7 @@ impl StreamDriver {
                         Some(o) if backends.retry.is_none() || backends::next_after(&o) == Next::NextBackend => o,
                         _ => {
                             let reader: &dyn Host = host;
-                            let mut cooldown = |k: KeyRef| {
-                                reader
-                                    .shared_get(&backends::cooldown_key(backends, k))
-                                    .and_then(|v| Cooldown::decode(&v))
-                            };
+                            let mut cooldown = |k: KeyRef| read_cooldown(reader, backends, k);
                             failed(backends::none_left(backends, &mut cooldown, now))
                         }
                     };
@@ -782,6 +776,16 @@ fn failed(e: ApiError) -> CallOutcome {
     CallOutcome { upstream_status: 0, result: Err(e), usage: None }
 }
 
+/// A key's cool-down, as shared data holds it for every worker.
+fn read_cooldown(host: &dyn Host, backends: &Backends, k: KeyRef) -> Option<Cooldown> {
+    host.shared_get(&backends::cooldown_key(backends, k)).and_then(|v| Cooldown::decode(&v))
+}
+
+/// A backend's metadata token, as shared data holds it for every worker.
+fn read_token(host: &dyn Host, backends: &Backends, backend: usize) -> Option<Token> {
+    host.shared_get(&backends::token_key(backends, backend)).and_then(|v| Token::decode(&v))
+}
+
 /// Whether key `k` can be used now: an API key that is set (or, with the one default backend,
 /// any: the call then goes out without a key, as configured), or a metadata token in shared
 /// data that has not expired.
@@ -791,10 +795,9 @@ fn credential_ready(settings: &Settings, host: &dyn Host, k: KeyRef, now: u64) -
     };
     match cred {
         Credential::ApiKey { value, .. } => value.is_some() || settings.backends.retry.is_none(),
-        Credential::MetadataToken { .. } => host
-            .shared_get(&backends::token_key(&settings.backends, k.backend))
-            .and_then(|v| Token::decode(&v))
-            .is_some_and(|t| t.usable(now)),
+        Credential::MetadataToken { .. } => {
+            read_token(host, &settings.backends, k.backend).is_some_and(|t| t.usable(now))
+        }
     }
 }
 
@@ -812,9 +815,7 @@ fn gemini_call(settings: &Settings, host: &dyn Host, k: KeyRef, plan: &CallPlan,
     match backend.and_then(|b| b.credentials.get(k.key)) {
         Some(Credential::ApiKey { value: Some(key), .. }) => headers.push(("x-goog-api-key".to_string(), key.clone())),
         Some(Credential::MetadataToken { .. }) => {
-            if let Some(t) =
-                host.shared_get(&backends::token_key(&settings.backends, k.backend)).and_then(|v| Token::decode(&v))
-            {
+            if let Some(t) = read_token(host, &settings.backends, k.backend) {
                 headers.push(("authorization".to_string(), format!("Bearer {}", t.value)));
             }
         }

@@ -592,8 +592,10 @@ impl Exchange {
         self.record(now_ms)
     }
 
-    /// Call `index` answered on its first attempt, on the first backend (the path of a request
-    /// without `backends`, and of tests that feed answers directly).
+    /// Call `index` answered on its first attempt, on the first backend: for tests that feed
+    /// answers straight to the exchange (the driver reads answers and retries itself, then
+    /// calls `on_call_outcome`).
+    #[cfg(test)]
     pub fn on_call_response(&mut self, index: u32, response: CallResponse, now_ms: u64) -> Vec<Effect> {
         if !matches!(self.phase, Phase::AwaitingGemini(..)) {
             return Vec::new();
