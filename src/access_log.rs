@@ -43,6 +43,11 @@ pub struct LogRecord {
     pub images: u32,
     pub failed_calls: u32,
     pub usage: Option<Usage>,
+    /// The policy profile in force (contract section 15).
+    pub profile: String,
+    /// What Google was paid for this request, and what a cache hit saved, in micro-dollars.
+    pub cost_micro: u64,
+    pub saved_micro: u64,
 }
 
 /// The line as written: field order is the order below (serde keeps struct order).
@@ -75,6 +80,9 @@ struct Line<'a> {
     attempts: Option<u32>,
     images: u32,
     failed_calls: u32,
+    profile: &'a str,
+    cost_usd: f64,
+    saved_usd: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     input_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,6 +122,9 @@ impl LogRecord {
             attempts: self.attempts,
             images: self.images,
             failed_calls: self.failed_calls,
+            profile: &self.profile,
+            cost_usd: self.cost_micro as f64 / 1e6,
+            saved_usd: self.saved_micro as f64 / 1e6,
             input_tokens: self.usage.map(|u| u.input_tokens),
             output_tokens: self.usage.map(|u| u.output_tokens),
             prompt_hash: self.prompt_hash.as_deref(),
@@ -154,6 +165,9 @@ mod tests {
             images: 0,
             failed_calls: 2,
             usage: None,
+            profile: "kids".into(),
+            cost_micro: 268_000,
+            saved_micro: 0,
         };
         let json = r.to_json();
         assert!(json.starts_with(r#"{"event":"image_generation","endpoint":"generations","outcome":"error","status":429,"code":"IMG_QUOTA_EXHAUSTED","category":"API_ERROR""#), "{json}");
@@ -170,8 +184,10 @@ mod tests {
             "upstream_status",
             "prompt_hash",
             "request_id",
+            "profile",
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
+        assert_eq!((v["cost_usd"].as_f64(), v["saved_usd"].as_f64()), (Some(0.268), Some(0.0)));
     }
 }

@@ -27,7 +27,7 @@ pub struct CacheKey {
 /// model, final prompt, ratio, image size, n, each category's threshold, and for edits each
 /// input image and the mask in order, with the text after them), so two requests share an
 /// entry only if Gemini would get identical calls.
-pub fn cache_key(req: &ImageRequest) -> CacheKey {
+pub fn cache_key(req: &ImageRequest, private_to: Option<&str>) -> CacheKey {
     let mut h = Sha256::new();
     let mut field = |name: &str, value: &[u8]| {
         h.update(name.as_bytes());
@@ -52,6 +52,10 @@ pub fn cache_key(req: &ImageRequest) -> CacheKey {
     }
     if let Some(text) = &req.closing_text {
         field("closing_text", text.as_bytes());
+    }
+    // A private profile's entries: nobody outside it finds them (contract section 15).
+    if let Some(profile) = private_to {
+        field("profile", profile.as_bytes());
     }
     let digest = h.finalize();
     let mut seed = [0u8; 8];
@@ -86,8 +90,9 @@ pub fn encode_entry(key: &str, created: u64, usage: Option<Usage>, images: &[Ima
     out.extend_from_slice(&created.to_be_bytes());
     match usage {
         Some(u) => {
-            out.push(1);
-            for v in [u.input_tokens, u.output_tokens, u.total_tokens] {
+            // 2: with the input tokens by modality (1, without them, is still read).
+            out.push(2);
+            for v in [u.input_tokens, u.output_tokens, u.total_tokens, u.text_tokens, u.image_tokens] {
                 out.extend_from_slice(&v.to_be_bytes());
             }
         }
@@ -149,7 +154,11 @@ pub fn decode_entry<'a>(bytes: &'a [u8], key: &str) -> Option<Entry<'a>> {
     let created = r.u64()?;
     let usage = match r.take(1)?[0] {
         0 => None,
-        1 => Some(Usage { input_tokens: r.u64()?, output_tokens: r.u64()?, total_tokens: r.u64()? }),
+        tag @ (1 | 2) => {
+            let (input_tokens, output_tokens, total_tokens) = (r.u64()?, r.u64()?, r.u64()?);
+            let (text_tokens, image_tokens) = if tag == 2 { (r.u64()?, r.u64()?) } else { (0, 0) };
+            Some(Usage { input_tokens, output_tokens, total_tokens, text_tokens, image_tokens })
+        }
         _ => return None,
     };
     let count = r.u32()? as usize;
@@ -343,7 +352,7 @@ mod tests {
     }
 
     fn key(v: serde_json::Value) -> String {
-        cache_key(&req(v)).key
+        cache_key(&req(v), None).key
     }
 
     #[test]
@@ -378,16 +387,22 @@ mod tests {
         }
         let mut other_model = req(base.clone());
         other_model.upstream = "another-model".into();
-        assert_ne!(k0, cache_key(&other_model).key);
+        assert_ne!(k0, cache_key(&other_model, None).key);
         // An edit's inputs, in order, and its mask are part of the key.
         let mut edit = req(base.clone());
         edit.inputs.images = vec![[1; 32], [2; 32]];
-        let k_edit = cache_key(&edit).key;
+        let k_edit = cache_key(&edit, None).key;
         edit.inputs.images.reverse();
-        assert_ne!(cache_key(&edit).key, k_edit, "order matters");
+        assert_ne!(cache_key(&edit, None).key, k_edit, "order matters");
         edit.inputs.mask = Some([3; 32]);
-        assert_ne!(cache_key(&edit).key, k_edit);
+        assert_ne!(cache_key(&edit, None).key, k_edit);
         assert!(![k0.clone()].contains(&k_edit));
+        // A private profile's key is its own, and each private profile's differs.
+        let base_req = req(base.clone());
+        let kids = cache_key(&base_req, Some("kids")).key;
+        assert_ne!(kids, k0);
+        assert_ne!(kids, cache_key(&base_req, Some("design")).key);
+        assert_eq!(kids, cache_key(&base_req, Some("kids")).key);
         // What Gemini does not see does not change the key.
         assert_eq!(k0, key(json!({"prompt": "a cat", "n": 1, "response_format": "url", "user": "u"})));
         assert_eq!(k0, key(json!({"prompt": "a cat", "size": "1024x1024"})));
@@ -402,11 +417,19 @@ mod tests {
 
     #[test]
     fn entries_round_trip() {
-        let usage = Some(Usage { input_tokens: 1, output_tokens: 2, total_tokens: 3 });
+        let usage = Some(Usage { input_tokens: 1, output_tokens: 2, total_tokens: 3, text_tokens: 1, image_tokens: 0 });
         let bytes = encode_entry("img:k", 99, usage, &sample());
         let e = decode_entry(&bytes, "img:k").unwrap();
         assert_eq!(e, Entry { key: "img:k", created: 99, usage, images: sample() });
         assert_eq!(decode_entry(&bytes, "img:other"), None, "an entry for another key is a miss");
+        // An entry written before the modality counts (usage tag 1) still reads.
+        let mut old = bytes.clone();
+        let at = 4 + 4 + "img:k".len() + 8; // magic, key length, key, created
+        assert_eq!(old[at], 2);
+        old[at] = 1;
+        old.drain(at + 1 + 24..at + 1 + 40);
+        let e = decode_entry(&old, "img:k").unwrap();
+        assert_eq!(e.usage.map(|u| (u.input_tokens, u.total_tokens, u.text_tokens)), Some((1, 3, 0)));
     }
 
     #[test]
@@ -453,7 +476,7 @@ mod tests {
     #[test]
     fn l1_lookup_reads_meta_first_and_checks_expiry() {
         use std::cell::RefCell;
-        let k = cache_key(&req(json!({"prompt": "a cat"})));
+        let k = cache_key(&req(json!({"prompt": "a cat"})), None);
         let slots = l1_slots(&k, 64);
         assert_eq!(slots.len(), 2);
         let (a, b) = (&slots[0], &slots[1]);
@@ -488,7 +511,7 @@ mod tests {
     #[test]
     fn slots_stay_within_max_entries() {
         for i in 0..200 {
-            let k = cache_key(&req(json!({"prompt": format!("p{i}")})));
+            let k = cache_key(&req(json!({"prompt": format!("p{i}")})), None);
             for slot in l1_slots(&k, 3) {
                 assert!(slot.index < 3);
                 assert_eq!(slot.meta_key, format!("gemini_image.l1.{}.meta", slot.index));

@@ -2,14 +2,17 @@
 //! validated once at configure time into `Settings`, which the request path only reads.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use serde::Deserialize;
 
 use crate::backends::{Backend, Backends, Credential, Kind, Retry};
+use crate::endpoint::Endpoint;
 use crate::geometry::ImageSize;
 use crate::model::{Families, Family, ModelVariant, DEFAULT_MODEL};
 use crate::named::{named, Named};
-use crate::safety::SafetyPolicy;
+use crate::policy::{self, CacheMode, Pricing, Profile, DEFAULT_PROFILE};
+use crate::safety::{SafetyLevel, SafetyPolicy, SafetySource};
 
 /// The environment variable that sets the platform safety level.
 pub const SAFETY_ENV: &str = "GEMINI_IMAGE_SAFETY_THRESHOLD";
@@ -34,6 +37,56 @@ struct RawConfig {
     cache: Option<RawCache>,
     backends: Option<Vec<RawBackend>>,
     retry: Option<RawRetry>,
+    profiles: BTreeMap<String, RawProfile>,
+    profile_from: Option<RawProfileFrom>,
+    pricing: Option<BTreeMap<String, BTreeMap<String, f64>>>,
+}
+
+/// A profile in config: every key overrides the top level's for requests in that profile.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawProfile {
+    models: Option<Vec<String>>,
+    endpoints: Option<Vec<String>>,
+    safety: RawSafetyOverride,
+    limits: RawLimitsOverride,
+    images_per_minute: Option<u32>,
+    cache: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawSafetyOverride {
+    default: Option<String>,
+    allow_request_override: Option<bool>,
+    minimum: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimitsOverride {
+    max_n: Option<u32>,
+    max_prompt_chars: Option<usize>,
+    max_body_bytes: Option<usize>,
+    max_image_size: Option<String>,
+    max_inflight_requests: Option<u32>,
+    max_inflight_bytes: Option<u64>,
+    max_upload_bytes: Option<usize>,
+    max_input_image_bytes: Option<usize>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawProfileFrom {
+    metadata: RawMetadataPath,
+}
+
+/// Where in the dynamic metadata an earlier filter leaves the profile name.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawMetadataPath {
+    filter: String,
+    path: Vec<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -212,13 +265,16 @@ impl Default for RawStyles {
 #[serde(deny_unknown_fields, default)]
 struct RawCache {
     ttl_seconds: u64,
+    /// Accepted: coalescing of identical misses in flight (contract section 7) is not built
+    /// yet, so both values mean the same today.
+    coalesce: bool,
     l1: Option<RawL1>,
     l2: Option<RawL2>,
 }
 
 impl Default for RawCache {
     fn default() -> Self {
-        RawCache { ttl_seconds: 3600, l1: None, l2: None }
+        RawCache { ttl_seconds: 3600, coalesce: true, l1: None, l2: None }
     }
 }
 
@@ -346,6 +402,15 @@ pub struct Settings {
     pub backends: Backends,
     /// Things worth a warning at start-up that do not stop it (e.g. no API key).
     pub warnings: Vec<String>,
+    /// The profile these settings are for (the top level's own settings are `default`'s
+    /// before its overrides).
+    pub profile: Profile,
+    pub pricing: Pricing,
+    /// Every profile, each resolved whole at configure time (`default` always among them).
+    /// Only the top-level settings hold these; a profile's own settings hold none.
+    pub profiles: BTreeMap<String, Rc<Settings>>,
+    /// The property path of the dynamic metadata that names the profile (`profile_from`).
+    pub profile_from: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -736,7 +801,22 @@ impl Settings {
             }
         };
 
-        Ok(Settings {
+        let pricing = pricing(raw.pricing, &families, &mut warnings)?;
+        let profile_from = match raw.profile_from {
+            None => None,
+            Some(RawProfileFrom { metadata: m }) => {
+                non_empty("profile_from.metadata.filter", &m.filter)?;
+                if m.path.is_empty() || m.path.iter().any(|p| p.is_empty()) {
+                    return Err(invalid("profile_from.metadata.path", &m.path, "one or more non-empty keys"));
+                }
+                let mut path = vec!["metadata".to_string(), "filter_metadata".to_string(), m.filter];
+                path.extend(m.path);
+                Some(path)
+            }
+        };
+        let raw_profiles = raw.profiles;
+
+        let mut settings = Settings {
             gemini: GeminiSettings {
                 cluster: g.cluster,
                 authority: g.authority,
@@ -769,8 +849,204 @@ impl Settings {
             backends,
             cache,
             warnings,
-        })
+            profile: Profile::open(DEFAULT_PROFILE),
+            pricing,
+            profiles: BTreeMap::new(),
+            profile_from,
+        };
+        let mut profiles = BTreeMap::new();
+        for (name, raw) in raw_profiles {
+            let resolved = resolve_profile(&settings, &name, raw)?;
+            profiles.insert(name, Rc::new(resolved));
+        }
+        if !profiles.contains_key(DEFAULT_PROFILE) {
+            profiles.insert(DEFAULT_PROFILE.to_string(), Rc::new(settings.clone()));
+        }
+        settings.profiles = profiles;
+        Ok(settings)
     }
+}
+
+/// The price table: the configured one, or Google's list prices when none is given. Every
+/// size a family makes that has no price costs 0 and is warned about.
+fn pricing(
+    raw: Option<BTreeMap<String, BTreeMap<String, f64>>>,
+    families: &Families,
+    warnings: &mut Vec<String>,
+) -> Result<Pricing, ConfigError> {
+    let table = match raw {
+        None => Pricing::list_prices(),
+        Some(raw) => {
+            let mut table = Vec::new();
+            for (family, sizes) in raw {
+                if !families.0.iter().any(|f| f.name == family) {
+                    return Err(invalid(
+                        format!("pricing.{family}"),
+                        &family,
+                        format!("a family ({})", families.names()),
+                    ));
+                }
+                for (size, dollars) in sizes {
+                    let key = format!("pricing.{family}.{size}");
+                    let size = parse_named::<ImageSize>(&key, &size)?;
+                    let micro = policy::micro_usd(dollars)
+                        .ok_or_else(|| invalid(&key, dollars, "US dollars per image, from 0 to 1000"))?;
+                    table.push((family.clone(), size, micro));
+                }
+            }
+            Pricing(table)
+        }
+    };
+    for f in &families.0 {
+        let sizes = if f.sized() { f.image_sizes.clone() } else { vec![ImageSize::K1] };
+        for size in sizes {
+            if !table.0.iter().any(|(name, s, _)| *name == f.name && *s == size) {
+                warnings.push(format!(
+                    "pricing has no price for {} at {}: its images count as costing 0",
+                    f.name,
+                    size.as_str()
+                ));
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// A profile's whole settings: the top level's with the profile's overrides. Limits may only
+/// tighten; safety and cache replace.
+fn resolve_profile(top: &Settings, name: &str, raw: RawProfile) -> Result<Settings, ConfigError> {
+    let at = format!("profiles.{name}");
+    if !policy::valid_profile_name(name) {
+        return Err(invalid(&at, name, "a profile name of letters, digits, '-' and '_' (at most 64)"));
+    }
+    let mut s = top.clone();
+    let mut profile = Profile::open(name);
+
+    if let Some(models) = raw.models {
+        if models.is_empty() {
+            return Err(invalid(format!("{at}.models"), "[]", "one or more model names, families or aliases"));
+        }
+        for m in &models {
+            if !top.aliases.contains_key(m) && top.families.parse(m).is_none() {
+                return Err(invalid(
+                    format!("{at}.models"),
+                    m,
+                    format!("a model of a family ({}), one of its variants, or an alias", top.families.names()),
+                ));
+            }
+        }
+        profile.models = Some(models);
+        if !profile.allows_model(DEFAULT_MODEL, DEFAULT_MODEL) {
+            profile.default_model = profile.models.as_ref().and_then(|m| m.first().cloned());
+        }
+    }
+    if let Some(endpoints) = raw.endpoints {
+        let mut list = Vec::new();
+        for e in &endpoints {
+            let endpoint = parse_named::<Endpoint>(&format!("{at}.endpoints"), e)?;
+            if !list.contains(&endpoint) {
+                list.push(endpoint);
+            }
+        }
+        profile.endpoints = list;
+    }
+    if let Some(per_minute) = raw.images_per_minute {
+        profile.images_per_minute = Some(in_range(&format!("{at}.images_per_minute"), per_minute, 1, 1_000_000)?);
+    }
+    if let Some(mode) = &raw.cache {
+        profile.cache = parse_named::<CacheMode>(&format!("{at}.cache"), mode)?;
+    }
+    if profile.cache == CacheMode::Off {
+        s.cache = None;
+    }
+
+    let r = raw.safety;
+    let level = |key: &str, v: &Option<String>| {
+        v.as_deref().map(|v| parse_named::<SafetyLevel>(&format!("{at}.safety.{key}"), v)).transpose()
+    };
+    let (default, minimum) = (level("default", &r.default)?, level("minimum", &r.minimum)?);
+    let minimum = minimum.unwrap_or(top.safety.minimum);
+    s.safety = match default {
+        Some(d) if d < minimum => {
+            return Err(ConfigError::Conflict(format!(
+                "{at}.safety.default {} is below its minimum {}",
+                d.as_str(),
+                minimum.as_str()
+            )))
+        }
+        Some(d) => SafetyPolicy { default: d, default_source: SafetySource::Profile, ..top.safety.clone() },
+        // The inherited default rises to the profile's floor.
+        None if top.safety.default < minimum => {
+            SafetyPolicy { default: minimum, default_source: SafetySource::Profile, ..top.safety.clone() }
+        }
+        None => top.safety.clone(),
+    };
+    s.safety.minimum = minimum;
+    s.safety.allow_request_override = r.allow_request_override.unwrap_or(top.safety.allow_request_override);
+
+    let l = raw.limits;
+    let t = &top.limits;
+    let limit_key = |k: &str| format!("{at}.limits.{k}");
+    fn tighter<T: PartialOrd + std::fmt::Display + Copy>(key: String, v: Option<T>, top: T) -> Result<T, ConfigError> {
+        match v {
+            Some(v) if v > top => Err(ConfigError::Conflict(format!(
+                "{key} is {v}, above the top-level {top}: a profile's limits may only tighten the top level's"
+            ))),
+            Some(v) => Ok(v),
+            None => Ok(top),
+        }
+    }
+    s.limits.max_n = at_least(&limit_key("max_n"), tighter(limit_key("max_n"), l.max_n, t.max_n)?, 1)?;
+    s.limits.max_prompt_chars = at_least(
+        &limit_key("max_prompt_chars"),
+        tighter(limit_key("max_prompt_chars"), l.max_prompt_chars, t.max_prompt_chars)?,
+        1,
+    )?;
+    s.limits.max_body_bytes = at_least(
+        &limit_key("max_body_bytes"),
+        tighter(limit_key("max_body_bytes"), l.max_body_bytes, t.max_body_bytes)?,
+        64,
+    )?;
+    s.limits.max_upload_bytes = at_least(
+        &limit_key("max_upload_bytes"),
+        tighter(limit_key("max_upload_bytes"), l.max_upload_bytes, t.max_upload_bytes)?,
+        1024,
+    )?;
+    s.limits.max_input_image_bytes = in_range(
+        &limit_key("max_input_image_bytes"),
+        tighter(limit_key("max_input_image_bytes"), l.max_input_image_bytes, t.max_input_image_bytes)?,
+        64,
+        s.limits.max_upload_bytes,
+    )?;
+    s.limits.max_inflight_requests = at_least(
+        &limit_key("max_inflight_requests"),
+        tighter(limit_key("max_inflight_requests"), l.max_inflight_requests, t.max_inflight_requests)?,
+        1,
+    )?;
+    s.limits.max_inflight_bytes = at_least(
+        &limit_key("max_inflight_bytes"),
+        tighter(limit_key("max_inflight_bytes"), l.max_inflight_bytes, t.max_inflight_bytes)?,
+        MIB,
+    )?;
+    if let Some(size) = &l.max_image_size {
+        let size = parse_named::<ImageSize>(&limit_key("max_image_size"), size)?;
+        if size > t.max_image_size {
+            return Err(ConfigError::Conflict(format!(
+                "{} is {}, above the top-level {}: a profile's limits may only tighten the top level's",
+                limit_key("max_image_size"),
+                size.as_str(),
+                t.max_image_size.as_str()
+            )));
+        }
+        s.limits.max_image_size = size;
+    }
+    if l.max_inflight_requests.is_some() || l.max_inflight_bytes.is_some() {
+        profile.inflight = Some((s.limits.max_inflight_requests, s.limits.max_inflight_bytes));
+    }
+
+    s.profile = profile;
+    s.profiles = BTreeMap::new();
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -919,5 +1195,93 @@ mod tests {
         let bad = |k: &str| (k == SAFETY_ENV).then(|| "EXTREME".to_string());
         let e = Settings::from_json(b"{}", &bad).unwrap_err().to_string();
         assert!(e.contains(SAFETY_ENV) && e.contains("EXTREME"), "{e}");
+    }
+
+    #[test]
+    fn profiles_are_resolved_whole_at_configure_time() {
+        let env = |k: &str| (k == SAFETY_ENV).then(|| "LOW".to_string());
+        let s = Settings::from_json(
+            br#"{"limits": {"max_n": 4},
+                 "profiles": {
+                   "kids": {"models": ["gemini-2.5-flash-image"], "endpoints": ["generations"],
+                            "safety": {"default": "HIGH", "minimum": "HIGH", "allow_request_override": false},
+                            "limits": {"max_n": 1, "max_image_size": "1K"}, "images_per_minute": 20, "cache": "private"},
+                   "floor": {"safety": {"minimum": "MEDIUM"}},
+                   "quiet": {"cache": "off", "limits": {"max_inflight_requests": 2}}},
+                 "cache": {"l1": {}},
+                 "profile_from": {"metadata": {"filter": "envoy.filters.http.jwt_authn", "path": ["payload", "image_profile"]}}}"#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(s.profiles.keys().collect::<Vec<_>>(), ["default", "floor", "kids", "quiet"]);
+        let default = &s.profiles["default"];
+        assert_eq!(
+            (&default.safety, &default.limits, &default.cache),
+            (&s.safety, &s.limits, &s.cache),
+            "default exists"
+        );
+        let kids = &s.profiles["kids"];
+        assert_eq!(
+            (kids.limits.max_n, kids.limits.max_image_size, kids.limits.max_prompt_chars),
+            (1, ImageSize::K1, 32000)
+        );
+        assert_eq!(
+            (kids.safety.default, kids.safety.minimum, kids.safety.allow_request_override),
+            (SafetyLevel::High, SafetyLevel::High, false)
+        );
+        assert_eq!(kids.profile.default_model.as_deref(), Some("gemini-2.5-flash-image"));
+        assert_eq!((kids.profile.cache, kids.profile.images_per_minute), (CacheMode::Private, Some(20)));
+        assert_eq!(kids.profile.endpoints, vec![Endpoint::Generations]);
+        assert!(kids.profiles.is_empty());
+        // The environment's LOW rises to the profile's floor; elsewhere it stays.
+        assert_eq!(s.safety.default, SafetyLevel::Low);
+        assert_eq!(s.profiles["floor"].safety.default, SafetyLevel::Medium);
+        let quiet = &s.profiles["quiet"];
+        assert_eq!((quiet.cache.is_none(), quiet.profile.inflight), (true, Some((2, 268_435_456))));
+        assert_eq!(
+            s.profile_from.as_deref().unwrap(),
+            ["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", "payload", "image_profile"]
+        );
+        assert_eq!(s.pricing, Pricing::list_prices());
+    }
+
+    #[test]
+    fn profiles_that_loosen_or_name_nothing_are_refused() {
+        let bad: [(&[u8], &str); 11] = [
+            (
+                br#"{"profiles": {"a": {"limits": {"max_n": 8}}}}"#,
+                "profiles.a.limits.max_n is 8, above the top-level 4",
+            ),
+            (
+                br#"{"limits": {"max_image_size": "2K"}, "profiles": {"a": {"limits": {"max_image_size": "4K"}}}}"#,
+                "max_image_size",
+            ),
+            (br#"{"profiles": {"a": {"limits": {"max_body_bytes": 2000000}}}}"#, "max_body_bytes"),
+            (br#"{"profiles": {"a": {"models": ["gpt-4"]}}}"#, "profiles.a.models"),
+            (br#"{"profiles": {"a": {"models": []}}}"#, "profiles.a.models"),
+            (br#"{"profiles": {"a": {"endpoints": ["files"]}}}"#, "profiles.a.endpoints"),
+            (br#"{"profiles": {"a": {"cache": "sometimes"}}}"#, "profiles.a.cache"),
+            (br#"{"profiles": {"a.b": {}}}"#, "profiles.a.b"),
+            (br#"{"profiles": {"a": {"safety": {"default": "LOW", "minimum": "HIGH"}}}}"#, "below its minimum"),
+            (br#"{"profiles": {"a": {"colour": 1}}}"#, "colour"),
+            (br#"{"pricing": {"gemini-9": {"1K": 1}}}"#, "pricing.gemini-9"),
+        ];
+        for (json, needle) in bad {
+            let e = Settings::from_json(json, &no_env).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e:?} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn prices_come_from_config_and_missing_ones_are_warned_about() {
+        let s = Settings::from_json(br#"{"pricing": {"gemini-3-pro-image": {"1k": 0.5}}}"#, &no_env).unwrap();
+        assert_eq!(s.pricing.per_image("gemini-3-pro-image", None), 500_000);
+        assert_eq!(s.pricing.per_image("gemini-2.5-flash-image", None), 0);
+        let warned: Vec<&String> = s.warnings.iter().filter(|w| w.starts_with("pricing")).collect();
+        assert_eq!(warned.len(), 3, "2K, 4K and flash's 1K: {warned:?}");
+        let e = Settings::from_json(br#"{"pricing": {"gemini-3-pro-image": {"1K": -1}}}"#, &no_env).unwrap_err();
+        assert!(e.to_string().contains("pricing.gemini-3-pro-image.1K"), "{e}");
+        let s = Settings::from_json(br#"{"cache": {"coalesce": false}}"#, &no_env).unwrap();
+        assert!(s.cache.is_some());
     }
 }

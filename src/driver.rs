@@ -9,7 +9,7 @@
 //! stream; `WorkerDriver` is the root context.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use crate::access_log::LogLevel;
@@ -19,17 +19,21 @@ use crate::config::{ConfigError, Settings};
 use crate::endpoint::Endpoint;
 use crate::error::{ApiError, ErrorCode};
 use crate::exchange::CallMeta;
-use crate::exchange::{Effect, Exchange, HttpCall, Reply, RequestHead};
+use crate::exchange::{Admission, Effect, Exchange, HttpCall, Reply, RequestHead};
 use crate::gemini::CallResponse;
 use crate::gemini::{self, CallOutcome};
 use crate::hot::HotSet;
 use crate::metrics::{AttemptOutcome, Counter, Gauge, Histogram};
+use crate::policy::{self, Bucket, Profile};
 
 /// What the filter can ask of Envoy. Each method is one host call; none may panic.
 pub trait Host {
     fn now_ms(&self) -> u64;
     /// A request header; only readable during the headers callback.
     fn request_header(&self, name: &str) -> Option<String>;
+    /// A stream property (Envoy attribute) by path, such as route or dynamic metadata; only
+    /// read during the headers callback. `None` when absent.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// The buffered request body, up to `size` bytes.
     fn request_body(&self, size: usize) -> Vec<u8>;
     /// A header of the call-out answer being delivered.
@@ -108,6 +112,8 @@ impl Budget {
 pub struct Worker {
     pub hot: HotSet,
     pub budget: Budget,
+    /// The in-flight bounds of profiles that set their own, by profile name.
+    pub profile_budgets: BTreeMap<String, Budget>,
     /// Per backend, the key whose turn is next (keys take turns within this worker).
     turns: Vec<usize>,
     writes: VecDeque<HttpCall>,
@@ -119,9 +125,53 @@ impl Worker {
         Worker {
             hot: HotSet::new(hot_bytes),
             budget: Budget { max_requests, max_bytes, ..Budget::default() },
+            profile_budgets: BTreeMap::new(),
             turns: Vec::new(),
             writes: VecDeque::new(),
             writes_in_flight: Vec::new(),
+        }
+    }
+
+    /// Room for one more request of `profile` expecting `bytes`: within the worker's bounds,
+    /// and the profile's own when it sets them.
+    fn admit(&mut self, profile: &Profile, bytes: u64) -> bool {
+        if !self.budget.admit(bytes) {
+            return false;
+        }
+        let Some((max_requests, max_bytes)) = profile.inflight else { return true };
+        let own = self.profile_budgets.entry(profile.name.clone()).or_insert(Budget {
+            max_requests,
+            max_bytes,
+            ..Budget::default()
+        });
+        if own.admit(bytes) {
+            return true;
+        }
+        self.budget.release(bytes);
+        false
+    }
+
+    fn grow(&mut self, profile: &Profile, extra: u64) -> bool {
+        let own = profile.inflight.and_then(|_| self.profile_budgets.get_mut(&profile.name));
+        match own {
+            Some(own) => {
+                if !own.grow(extra) {
+                    return false;
+                }
+                if self.budget.grow(extra) {
+                    return true;
+                }
+                own.bytes = own.bytes.saturating_sub(extra);
+                false
+            }
+            None => self.budget.grow(extra),
+        }
+    }
+
+    fn release(&mut self, profile: &Profile, bytes: u64) {
+        self.budget.release(bytes);
+        if let Some(own) = profile.inflight.and_then(|_| self.profile_budgets.get_mut(&profile.name)) {
+            own.release(bytes);
         }
     }
 
@@ -424,7 +474,7 @@ impl StreamDriver {
     fn release(&mut self) {
         if let Some(bytes) = self.held.take() {
             if let Ok(mut w) = self.worker.try_borrow_mut() {
-                w.budget.release(bytes);
+                w.release(&self.settings.profile, bytes);
             }
         }
     }
@@ -445,8 +495,27 @@ impl StreamDriver {
             cache_control: host.request_header("cache-control"),
         };
         let now = host.now_ms();
+        // The profile in force: from dynamic metadata an earlier filter set, else the route's
+        // metadata, else `default`; never from a request header (contract section 15).
+        let dynamic = self.settings.profile_from.as_ref().and_then(|path| {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            host.property(&path)
+        });
+        let route = match dynamic {
+            Some(_) => None,
+            None => policy::ROUTE_PROFILE_PATHS.iter().find_map(|path| host.property(path)),
+        };
+        let (name, _) = policy::profile_name(dynamic, route);
+        let profile = self.settings.profiles.get(&name).cloned();
+        if let Some(settings) = &profile {
+            self.settings = settings.clone();
+        }
         let mut exchange = Exchange::new(self.settings.clone(), endpoint, head, now);
-        let effects = if wrong_method { exchange.on_wrong_method(now) } else { exchange.on_headers(now) };
+        let effects = match (wrong_method, profile) {
+            (true, _) => exchange.on_wrong_method(now),
+            (false, None) => exchange.on_unknown_profile(&name, now),
+            (false, Some(_)) => exchange.on_headers(now),
+        };
         self.exchange = Some(exchange);
         self.run(host, effects);
         if end_of_stream && !self.replied {
@@ -635,10 +704,29 @@ impl StreamDriver {
         }
     }
 
+    /// Room for a request about to call Gemini: the worker's in-flight bounds (and the
+    /// profile's), then the profile's images per minute across all workers. Nothing is held
+    /// when the answer is no.
+    fn admit(&mut self, host: &mut dyn Host, bytes: u64, images: u32) -> Admission {
+        let granted = self.worker.try_borrow_mut().is_ok_and(|mut w| w.admit(&self.settings.profile, bytes));
+        if !granted {
+            return Admission::Overloaded;
+        }
+        self.held = Some(bytes);
+        let Some(per_minute) = self.settings.profile.images_per_minute else { return Admission::Granted };
+        match take_images(host, &self.settings.profile.bucket_key(), per_minute, images) {
+            Ok(()) => Admission::Granted,
+            Err(retry_after_s) => {
+                self.release();
+                Admission::RateLimited { retry_after_s }
+            }
+        }
+    }
+
     /// Takes `extra` more bytes of the worker's budget for this request.
     fn grow(&mut self, extra: u64) -> bool {
         let Some(held) = self.held.as_mut() else { return false };
-        let grown = self.worker.try_borrow_mut().is_ok_and(|mut w| w.budget.grow(extra));
+        let grown = self.worker.try_borrow_mut().is_ok_and(|mut w| w.grow(&self.settings.profile, extra));
         if grown {
             *held += extra;
         }
@@ -687,15 +775,14 @@ impl StreamDriver {
             }
             return more;
         }
+        if let Effect::Admit { bytes, images } = effect {
+            let admission = self.admit(host, bytes, images);
+            let now = host.now_ms();
+            return self.exchange.as_mut().map_or_else(Vec::new, |ex| ex.on_admission(admission, now));
+        }
         let Some(ex) = self.exchange.as_mut() else { return Vec::new() };
         match effect {
-            Effect::Admit { bytes } => {
-                let granted = self.worker.try_borrow_mut().is_ok_and(|mut w| w.budget.admit(bytes));
-                if granted {
-                    self.held = Some(bytes);
-                }
-                ex.on_admission(granted, host.now_ms())
-            }
+            Effect::Admit { .. } => Vec::new(),      // carried out above
             Effect::CallGemini { .. } => Vec::new(), // carried out above
             Effect::LookupL1 { key, max_entries, format } => {
                 let now = host.now_ms();
@@ -827,6 +914,26 @@ fn gemini_call(settings: &Settings, host: &dyn Host, k: KeyRef, plan: &CallPlan,
         body: plan.body.clone(),
         timeout_ms,
     }
+}
+
+/// Compare-and-swap rounds before a bucket update gives up (each loses only to another
+/// worker's update in between, so a handful is plenty).
+const BUCKET_CAS_ROUNDS: usize = 16;
+
+/// Takes `images` from a profile's images-per-minute bucket in shared data, for every worker
+/// of this Envoy at once; `Err` holds the seconds until there is room. A value that does not
+/// read back is taken as a full bucket (it can only come from a foreign writer or an older
+/// layout); a bucket that cannot be written after every round refuses, so the bound holds.
+fn take_images(host: &mut dyn Host, key: &str, per_minute: u32, images: u32) -> Result<(), u64> {
+    for _ in 0..BUCKET_CAS_ROUNDS {
+        let (value, cas) = host.shared_get_cas(key);
+        let stored = value.as_deref().and_then(Bucket::decode);
+        let after = Bucket::take(stored, per_minute, images, host.now_ms())?;
+        if host.shared_set_cas(key, &after.encode(), cas) {
+            return Ok(());
+        }
+    }
+    Err(1)
 }
 
 /// A stream that ends without `on_log` (a VM torn down mid-request) still gives back its share

@@ -43,6 +43,8 @@ pub struct MemoryHost {
     pub gauges: HashMap<Gauge, u64>,
     /// The clock; tests move it.
     pub now: u64,
+    /// Stream properties by path joined with '/': route and dynamic metadata.
+    pub properties: HashMap<String, Vec<u8>>,
 }
 
 impl MemoryHost {
@@ -80,6 +82,9 @@ impl MemoryHost {
 }
 
 impl Host for MemoryHost {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties.get(&path.join("/")).cloned()
+    }
     fn now_ms(&self) -> u64 {
         if self.now == 0 {
             NOW_MS
@@ -1078,4 +1083,224 @@ fn a_failing_metadata_server_backs_off_and_says_why() {
     assert_eq!(gw.token_fetches.len(), 2, "tried again after the backoff");
     let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
     assert_eq!(r.status, 502);
+}
+
+// ---- policy profiles and cost (contract section 15) ----
+
+const ROUTE_PROFILE: &str = "route_metadata/filter_metadata/gemini_image/profile";
+const JWT_PROFILE: &str = "metadata/filter_metadata/envoy.filters.http.jwt_authn/payload/image_profile";
+
+const PROFILES: &str = r#"{
+  "cache": {"ttl_seconds": 60, "l1": {"max_entries": 8, "max_entry_bytes": 100000}},
+  "profiles": {
+    "kids": {"models": ["gemini-2.5-flash-image"], "endpoints": ["generations"],
+             "safety": {"default": "HIGH", "minimum": "HIGH", "allow_request_override": false},
+             "limits": {"max_n": 1}, "images_per_minute": 3, "cache": "private"},
+    "design": {},
+    "nocache": {"cache": "off"}
+  },
+  "profile_from": {"metadata": {"filter": "envoy.filters.http.jwt_authn", "path": ["payload", "image_profile"]}},
+  "pricing": {"gemini-3-pro-image": {"1K": 0.5, "4K": 1.25}, "gemini-2.5-flash-image": {"1K": 0.25}}
+}"#;
+
+impl Gateway {
+    /// One request as `request` does, with stream properties set (route or dynamic metadata),
+    /// and refused at the headers or not.
+    fn request_as(&mut self, properties: &[(&str, &str)], body: Value) -> Reply {
+        self.host.counters.clear();
+        self.host.logs.clear();
+        self.host.properties = properties.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        self.host.request_headers = post_headers();
+        self.host.body = body.to_string().into_bytes();
+        let mut stream = self.root.new_stream().expect("configured");
+        if stream.on_request_headers(&mut self.host, false) == Verdict::Continue {
+            let size = self.host.body.len();
+            stream.on_request_body(&mut self.host, size, true);
+            self.answer_calls(&mut stream);
+        }
+        stream.on_log(&mut self.host);
+        assert_eq!(self.host.replies.len(), 1, "exactly one reply");
+        self.host.replies.pop().expect("a reply")
+    }
+}
+
+fn reply_header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
+    r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn the_profile_comes_from_dynamic_metadata_then_the_route_then_default() {
+    let mut gw = Gateway::new(PROFILES);
+    let r = gw.request_as(&[(ROUTE_PROFILE, "kids")], json!({"prompt": "a", "model": "gemini-2.5-flash-image"}));
+    assert_eq!((r.status, reply_header(&r, "x-image-safety")), (200, Some("HIGH")));
+    assert_eq!(gw.log()["profile"], "kids");
+    // The JWT's claim beats the route.
+    let r = gw.request_as(&[(ROUTE_PROFILE, "kids"), (JWT_PROFILE, "design")], json!({"prompt": "b", "n": 2}));
+    assert_eq!((r.status, reply_header(&r, "x-image-safety")), (200, Some("OFF")));
+    assert_eq!(gw.log()["profile"], "design");
+    let r = gw.request_as(&[], json!({"prompt": "c"}));
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.log()["profile"], "default");
+    assert_eq!(gw.counted(Counter::ProfileRequests("default".into())), 1);
+}
+
+#[test]
+fn a_header_never_picks_a_profile() {
+    let mut gw = Gateway::new(PROFILES);
+    gw.host.properties.clear();
+    let mut stream = gw.root.new_stream().unwrap();
+    gw.host.request_headers = post_headers();
+    gw.host.request_headers.push(("x-image-profile".into(), "kids".into()));
+    stream.on_request_headers(&mut gw.host, false);
+    assert!(!gw.host.header_reads.borrow().iter().any(|h| h.contains("profile")), "no header is read for it");
+}
+
+#[test]
+fn an_unknown_profile_or_a_denied_endpoint_is_403_before_the_body() {
+    let mut gw = Gateway::new(PROFILES);
+    for props in [[(ROUTE_PROFILE, "nobody")], [(JWT_PROFILE, "nobody")]] {
+        let r = gw.request_as(&props, json!({"prompt": "a"}));
+        assert_eq!(r.status, 403);
+        assert_eq!(json_of(&r)["error"]["code"], "IMG_POLICY_DENIED");
+        assert_eq!(json_of(&r)["error"]["type"], "permission_error");
+        assert_eq!(reply_header(&r, "x-should-retry"), Some("false"));
+        assert_eq!(gw.log()["profile"], "nobody");
+    }
+    // kids may only generate.
+    gw.host.properties = [(ROUTE_PROFILE.to_string(), b"kids".to_vec())].into();
+    gw.host.request_headers = post_headers();
+    gw.host.request_headers[0].1 = "/v1/images/edits".into();
+    let mut stream = gw.root.new_stream().unwrap();
+    assert_eq!(stream.on_request_headers(&mut gw.host, false), Verdict::Pause);
+    let r = gw.host.replies.pop().unwrap();
+    assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (403, Some("IMG_POLICY_DENIED")));
+    assert_eq!(gw.gemini_calls, 0);
+}
+
+#[test]
+fn each_override_of_a_profile_is_enforced() {
+    let mut gw = Gateway::new(PROFILES);
+    let kids = [(ROUTE_PROFILE, "kids")];
+    // models: only flash, which is also what a request naming none gets
+    let r = gw.request_as(&kids, json!({"prompt": "a", "model": "gemini-3-pro-image"}));
+    assert_eq!((r.status, json_of(&r)["error"]["param"].as_str()), (400, Some("model")));
+    let r = gw.request_as(&kids, json!({"prompt": "a", "model": "dall-e-3"}));
+    assert_eq!(r.status, 400, "an alias of a family not allowed");
+    let r = gw.request_as(&kids, json!({"prompt": "no model"}));
+    assert_eq!(r.status, 200);
+    assert!(path_of(gw.upstream_calls.last().unwrap()).contains("gemini-2.5-flash-image:"));
+    // safety: no override, HIGH sent
+    let r = gw.request_as(&kids, json!({"prompt": "a", "safety_threshold": "HIGH"}));
+    assert_eq!((r.status, json_of(&r)["error"]["param"].as_str()), (400, Some("safety_threshold")));
+    // limits
+    let r = gw.request_as(&kids, json!({"prompt": "a", "n": 2}));
+    assert_eq!((r.status, json_of(&r)["error"]["param"].as_str()), (400, Some("n")));
+    let body: Value = serde_json::from_slice(&gw.upstream_calls.last().unwrap().body).unwrap();
+    assert_eq!(body["safetySettings"][0]["threshold"], "BLOCK_LOW_AND_ABOVE");
+}
+
+#[test]
+fn images_per_minute_count_images_across_workers_and_hits_are_free() {
+    // Two workers share one Envoy's shared data.
+    let mut a = Gateway::new(PROFILES);
+    let mut b = Gateway::new(PROFILES);
+    let kids = [(ROUTE_PROFILE, "kids")];
+    let flash = |p: &str| json!({"prompt": p, "model": "gemini-2.5-flash-image"});
+    assert_eq!(a.request_as(&kids, flash("one")).status, 200);
+    b.host.shared = std::mem::take(&mut a.host.shared);
+    b.host.shared_cas = std::mem::take(&mut a.host.shared_cas);
+    assert_eq!(b.request_as(&kids, flash("two")).status, 200);
+    assert_eq!(b.request_as(&kids, flash("three")).status, 200);
+    let calls = b.gemini_calls;
+    let r = b.request_as(&kids, flash("four"));
+    assert_eq!(r.status, 429);
+    assert_eq!(json_of(&r)["error"]["code"], "IMG_RATE_LIMITED");
+    assert_eq!(reply_header(&r, "retry-after"), Some("20"));
+    assert_eq!(b.gemini_calls, calls, "no Gemini call");
+    assert_eq!(b.counted(Counter::RateLimited("kids".into())), 1);
+    assert_eq!(b.worker().borrow().budget.requests, 0, "the refused request holds nothing");
+    // A hit takes nothing from the bucket.
+    let r = b.request_as(&kids, flash("three"));
+    assert_eq!((r.status, reply_header(&r, "x-image-cache")), (200, Some("hit-l1")));
+    // Other profiles have their own (here: none).
+    assert_eq!(b.request_as(&[(ROUTE_PROFILE, "design")], flash("four")).status, 200);
+    // A minute on, room again.
+    b.host.now = NOW_MS + 20_000;
+    assert_eq!(b.request_as(&kids, flash("five")).status, 200);
+}
+
+#[test]
+fn a_private_cache_is_not_shared_and_off_skips_the_cache() {
+    let mut gw = Gateway::new(PROFILES);
+    let flash = json!({"prompt": "same", "model": "gemini-2.5-flash-image"});
+    assert_eq!(reply_header(&gw.request_as(&[(ROUTE_PROFILE, "kids")], flash.clone()), "x-image-cache"), Some("miss"));
+    assert_eq!(
+        reply_header(&gw.request_as(&[(ROUTE_PROFILE, "design")], flash.clone()), "x-image-cache"),
+        Some("miss")
+    );
+    assert_eq!(
+        reply_header(&gw.request_as(&[], flash.clone()), "x-image-cache"),
+        Some("hit-l1"),
+        "shared profiles share"
+    );
+    assert_eq!(
+        reply_header(&gw.request_as(&[(ROUTE_PROFILE, "kids")], flash.clone()), "x-image-cache"),
+        Some("hit-l1")
+    );
+    let calls = gw.gemini_calls;
+    for _ in 0..2 {
+        let r = gw.request_as(&[(ROUTE_PROFILE, "nocache")], flash.clone());
+        assert_eq!(reply_header(&r, "x-image-cache"), Some("miss"));
+    }
+    assert_eq!(gw.gemini_calls, calls + 2);
+}
+
+#[test]
+fn answers_say_what_they_cost_and_hits_what_they_saved() {
+    let mut gw = Gateway::new(PROFILES);
+    let r = gw.request_as(&[(ROUTE_PROFILE, "design")], json!({"prompt": "p", "n": 2}));
+    assert_eq!(reply_header(&r, "x-image-cost-usd"), Some("1"));
+    assert_eq!((gw.log()["cost_usd"].as_f64(), gw.log()["saved_usd"].as_f64()), (Some(1.0), Some(0.0)));
+    assert_eq!(gw.counted(Counter::CostMicroUsd("design".into())), 1_000_000);
+    let r = gw.request_as(&[(ROUTE_PROFILE, "design")], json!({"prompt": "p", "n": 2}));
+    assert_eq!((reply_header(&r, "x-image-cache"), reply_header(&r, "x-image-cost-usd")), (Some("hit-l1"), Some("0")));
+    assert_eq!(gw.log()["saved_usd"].as_f64(), Some(1.0));
+    assert_eq!(gw.counted(Counter::SavedMicroUsd("design".into())), 1_000_000);
+    let r = gw.request_as(&[], json!({"prompt": "q", "image_size": "4K"}));
+    assert_eq!(reply_header(&r, "x-image-cost-usd"), Some("1.25"));
+    let r = gw.request_as(&[], json!({"prompt": ""}));
+    assert_eq!((r.status, reply_header(&r, "x-image-cost-usd")), (400, Some("0")));
+    // A partial answer costs what came back.
+    gw.gemini = Box::new({
+        let mut i = 0;
+        move || {
+            i += 1;
+            if i == 1 {
+                ok_response(PNG)
+            } else {
+                error_response(503, "UNAVAILABLE")
+            }
+        }
+    });
+    let r = gw.request_as(&[], json!({"prompt": "partial", "n": 2}));
+    assert_eq!((reply_header(&r, "x-images-failed"), reply_header(&r, "x-image-cost-usd")), (Some("1"), Some("0.5")));
+}
+
+#[test]
+fn a_profile_with_its_own_inflight_bound_is_held_to_it() {
+    let config = r#"{"profiles": {"small": {"limits": {"max_inflight_requests": 1}}}}"#;
+    let mut gw = Gateway::new(config);
+    gw.host.properties = [(ROUTE_PROFILE.to_string(), b"small".to_vec())].into();
+    let first = gw.send(br#"{"prompt": "a"}"#);
+    assert_eq!(gw.host.dispatched.len(), 1);
+    let second = gw.send(br#"{"prompt": "b"}"#);
+    let r = gw.host.replies.pop().unwrap();
+    assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (503, Some("IMG_OVERLOADED")));
+    // Another profile is not held by it.
+    gw.host.properties.clear();
+    let _third = gw.send(br#"{"prompt": "c"}"#);
+    assert_eq!(gw.host.dispatched.len(), 2);
+    drop((first, second));
+    assert_eq!(gw.worker().borrow().profile_budgets["small"].requests, 0);
+    assert_eq!(gw.worker().borrow().budget.requests, 1, "the third still runs");
 }

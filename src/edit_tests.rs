@@ -278,7 +278,7 @@ fn a_variation_is_an_edit_of_one_image_with_the_configured_prompt() {
 #[test]
 fn the_cache_key_follows_every_image_and_the_mask_in_order() {
     let (a, b) = (png(8, 8, false), png(9, 9, false));
-    let key = |parts: &[P]| crate::cache::cache_key(&edit(parts).unwrap().0).key;
+    let key = |parts: &[P]| crate::cache::cache_key(&edit(parts).unwrap().0, None).key;
     let ab = key(&[P::Text("prompt", "p"), P::File("image[]", "1", a.clone()), P::File("image[]", "2", b.clone())]);
     let ba = key(&[P::Text("prompt", "p"), P::File("image[]", "1", b.clone()), P::File("image[]", "2", a.clone())]);
     assert_ne!(ab, ba);

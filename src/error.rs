@@ -16,6 +16,9 @@ pub enum ErrorCode {
     NoImage,
     NetworkError,
     Overloaded,
+    PolicyDenied,
+    RateLimited,
+    ImageNotFound,
     InternalError,
 }
 
@@ -32,6 +35,9 @@ named!(ErrorCode {
     NoImage => "IMG_NO_IMAGE",
     NetworkError => "IMG_NETWORK_ERROR",
     Overloaded => "IMG_OVERLOADED",
+    PolicyDenied => "IMG_POLICY_DENIED",
+    RateLimited => "IMG_RATE_LIMITED",
+    ImageNotFound => "IMG_IMAGE_NOT_FOUND",
     InternalError => "IMG_INTERNAL_ERROR",
 });
 
@@ -60,7 +66,9 @@ impl ErrorCode {
             | ErrorCode::UnsupportedModel
             | ErrorCode::SafetyBlocked => 400,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::QuotaExhausted => 429,
+            ErrorCode::PolicyDenied => 403,
+            ErrorCode::ImageNotFound => 404,
+            ErrorCode::QuotaExhausted | ErrorCode::RateLimited => 429,
             ErrorCode::ServiceUnavailable | ErrorCode::Overloaded => 503,
             ErrorCode::UpstreamAuth | ErrorCode::UpstreamError | ErrorCode::NoImage | ErrorCode::NetworkError => 502,
             ErrorCode::InternalError => 500,
@@ -74,8 +82,10 @@ impl ErrorCode {
             | ErrorCode::InvalidPrompt
             | ErrorCode::UnsupportedModel
             | ErrorCode::PayloadTooLarge
-            | ErrorCode::SafetyBlocked => "invalid_request_error",
-            ErrorCode::QuotaExhausted => "rate_limit_error",
+            | ErrorCode::SafetyBlocked
+            | ErrorCode::ImageNotFound => "invalid_request_error",
+            ErrorCode::PolicyDenied => "permission_error",
+            ErrorCode::QuotaExhausted | ErrorCode::RateLimited => "rate_limit_error",
             ErrorCode::ServiceUnavailable
             | ErrorCode::UpstreamAuth
             | ErrorCode::UpstreamError
@@ -92,7 +102,10 @@ impl ErrorCode {
             | ErrorCode::InvalidPrompt
             | ErrorCode::UnsupportedModel
             | ErrorCode::PayloadTooLarge
-            | ErrorCode::SafetyBlocked => Category::UserError,
+            | ErrorCode::SafetyBlocked
+            | ErrorCode::PolicyDenied
+            | ErrorCode::RateLimited
+            | ErrorCode::ImageNotFound => Category::UserError,
             ErrorCode::QuotaExhausted
             | ErrorCode::ServiceUnavailable
             | ErrorCode::UpstreamError
@@ -125,13 +138,20 @@ impl ErrorCode {
             ErrorCode::Overloaded => {
                 "Retry after the delay in retry-after; this gateway worker holds as many requests as it may."
             }
+            ErrorCode::PolicyDenied => {
+                "Ask the gateway operator for a profile that allows this; the profile in force does not."
+            }
+            ErrorCode::RateLimited => {
+                "Retry after the delay in retry-after; your profile's images per minute on this gateway are used up."
+            }
+            ErrorCode::ImageNotFound => "Generate the image again: this image URL is unknown or has expired.",
             ErrorCode::InternalError => "Retry later and report the x-request-id to the gateway operator.",
         }
     }
 
     /// Whether a client should retry the same request.
     pub fn should_retry(self) -> bool {
-        !matches!(self.status(), 400 | 413) && self != ErrorCode::UpstreamAuth
+        !matches!(self.status(), 400 | 403 | 404 | 413) && self != ErrorCode::UpstreamAuth
     }
 
     /// Which error wins when all `n` calls failed differently: the one that tells the caller
@@ -145,10 +165,13 @@ impl ErrorCode {
             ErrorCode::ServiceUnavailable => 4,
             ErrorCode::NetworkError | ErrorCode::Overloaded => 5,
             ErrorCode::NoImage => 6,
+            ErrorCode::RateLimited => 5,
             ErrorCode::UpstreamError => 7,
             ErrorCode::InvalidRequest
             | ErrorCode::UnsupportedModel
             | ErrorCode::PayloadTooLarge
+            | ErrorCode::PolicyDenied
+            | ErrorCode::ImageNotFound
             | ErrorCode::InternalError => 8,
         }
     }
@@ -206,6 +229,9 @@ mod tests {
             ("IMG_NO_IMAGE", 502, "api_error", "API_ERROR"),
             ("IMG_NETWORK_ERROR", 502, "api_error", "NETWORK_ERROR"),
             ("IMG_OVERLOADED", 503, "api_error", "SYSTEM_ERROR"),
+            ("IMG_POLICY_DENIED", 403, "permission_error", "USER_ERROR"),
+            ("IMG_RATE_LIMITED", 429, "rate_limit_error", "USER_ERROR"),
+            ("IMG_IMAGE_NOT_FOUND", 404, "invalid_request_error", "USER_ERROR"),
             ("IMG_INTERNAL_ERROR", 500, "server_error", "SYSTEM_ERROR"),
         ];
         assert_eq!(rows.len(), ErrorCode::ALL.len());

@@ -17,6 +17,7 @@ use crate::geometry::ImageSize;
 use crate::hot::HotEntry;
 use crate::metrics::{CacheState, CacheTier, Counter, Histogram, Outcome};
 use crate::openai::{self, ImageView};
+use crate::policy::CacheMode;
 use crate::request::{self, ImageRequest, Rejection, ResponseFormat};
 use crate::safety::SafetyLevel;
 
@@ -68,6 +69,8 @@ pub enum Effect {
     /// `bytes` of Gemini answers; the answer comes back as `on_admission`.
     Admit {
         bytes: u64,
+        /// The images it will generate: what the profile's images-per-minute bucket counts.
+        images: u32,
     },
     /// Make `count` calls of generateContent with `body` for the `upstream` model, each
     /// expected to answer within `reserved_bytes`, all done by `deadline_ms`. The driver picks
@@ -300,6 +303,23 @@ pub struct Exchange {
     known: Known,
     cache_state: CacheState,
     phase: Phase,
+    /// The profile in force as named (it may name none: then `settings` are the top level's).
+    profile_name: String,
+    /// What Google was paid for this request, and what a cache hit saved, in micro-dollars.
+    cost_micro: u64,
+    saved_micro: u64,
+}
+
+/// What the worker said to a request that asked to make Gemini calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Granted,
+    /// The worker's (or the profile's) in-flight bounds are reached.
+    Overloaded,
+    /// The profile's images per minute are used up: room again in this many seconds.
+    RateLimited {
+        retry_after_s: u64,
+    },
 }
 
 impl Exchange {
@@ -307,13 +327,16 @@ impl Exchange {
         let no_store = head.cache_control.as_deref().is_some_and(|c| has_directive(c, "no-store"));
         let cache_state = if settings.cache.is_some() && no_store { CacheState::Bypass } else { CacheState::Miss };
         Exchange {
-            settings,
             head,
             endpoint,
             started_ms: now_ms,
             known: Known::default(),
             cache_state,
             phase: Phase::Receiving,
+            profile_name: settings.profile.name.clone(),
+            cost_micro: 0,
+            saved_micro: 0,
+            settings,
         }
     }
 
@@ -321,12 +344,28 @@ impl Exchange {
         matches!(self.phase, Phase::Done)
     }
 
-    /// Headers seen: a declared body over the limit is refused before it is read.
+    /// Headers seen: an endpoint the profile does not allow, or a declared body over the
+    /// limit, is refused before the body is read.
     pub fn on_headers(&mut self, now_ms: u64) -> Vec<Effect> {
+        if !self.settings.profile.allows(self.endpoint) {
+            let e = ApiError::new(
+                ErrorCode::PolicyDenied,
+                format!("{} is not allowed for this caller on this gateway", self.endpoint.path()),
+            );
+            return self.fail(e, now_ms);
+        }
         match self.head.content_length {
             Some(len) if len > self.body_limit() as u64 => self.too_large(now_ms),
             _ => Vec::new(),
         }
+    }
+
+    /// The profile named for this request does not exist: 403 before the body is read.
+    pub fn on_unknown_profile(&mut self, name: &str, now_ms: u64) -> Vec<Effect> {
+        self.profile_name = name.chars().take(crate::policy::MAX_PROFILE_NAME + 1).collect();
+        let e =
+            ApiError::new(ErrorCode::PolicyDenied, "this caller's policy profile is not configured on this gateway");
+        self.fail(e, now_ms)
     }
 
     /// The request used a method its endpoint does not answer.
@@ -445,7 +484,13 @@ impl Exchange {
             return CachePlan::default();
         }
         let cc = self.head.cache_control.as_deref().unwrap_or("");
-        CachePlan { key: Some(cache::cache_key(req)), lookup: !has_directive(cc, "no-cache"), l1_plan: None }
+        let profile = &self.settings.profile;
+        let private_to = (profile.cache == CacheMode::Private).then_some(profile.name.as_str());
+        CachePlan {
+            key: Some(cache::cache_key(req, private_to)),
+            lookup: !has_directive(cc, "no-cache"),
+            l1_plan: None,
+        }
     }
 
     /// L1 answered (the host looked the key up in shared data).
@@ -542,24 +587,49 @@ impl Exchange {
         let bytes = u64::from(planned.req.n)
             .saturating_mul(answer_estimate(planned.req.image_size))
             .saturating_add(planned.call_body_len());
+        let images = planned.req.n;
         self.phase = Phase::Admitting(planned);
-        effects.push(Effect::Admit { bytes });
+        effects.push(Effect::Admit { bytes, images });
         effects
     }
 
-    /// The worker answered the admission: call Gemini, or refuse with 503 before any call.
-    pub fn on_admission(&mut self, granted: bool, now_ms: u64) -> Vec<Effect> {
+    /// The worker answered the admission: call Gemini, or refuse before any call.
+    pub fn on_admission(&mut self, admission: Admission, now_ms: u64) -> Vec<Effect> {
         let Some(planned) = self.take(Phase::into_admitting) else { return Vec::new() };
-        if granted {
-            return self.call_gemini(planned, now_ms);
-        }
-        let mut e = ApiError::new(
-            ErrorCode::Overloaded,
-            "this gateway worker is at its limit of requests in flight; retry after the delay in retry-after",
-        );
-        e.retry_after = Some(OVERLOADED_RETRY_AFTER_S);
+        let mut counted = None;
+        let e = match admission {
+            Admission::Granted => return self.call_gemini(planned, now_ms),
+            Admission::Overloaded => {
+                let mut e = ApiError::new(
+                    ErrorCode::Overloaded,
+                    "this gateway worker is at its limit of requests in flight; retry after the delay in retry-after",
+                );
+                e.retry_after = Some(OVERLOADED_RETRY_AFTER_S);
+                e
+            }
+            Admission::RateLimited { retry_after_s } => {
+                let per_minute = self.settings.profile.images_per_minute.unwrap_or(0);
+                let mut e = ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "this caller may generate {per_minute} images a minute on this gateway and has used them; \
+                         retry after the delay in retry-after"
+                    ),
+                );
+                e.retry_after = Some(retry_after_s);
+                counted = Some(Effect::Count(Counter::RateLimited(self.profile_name.clone()), 1));
+                e
+            }
+        };
         let ending = Ending::new(e.status(), Outcome::Error, Some(&planned));
-        self.error_reply(e, ending, now_ms)
+        let mut effects = self.error_reply(e, ending, now_ms);
+        effects.extend(counted);
+        effects
+    }
+
+    /// What one image of this request costs at the profile's prices, in micro-dollars.
+    fn price_per_image(&self, req: &ImageRequest) -> u64 {
+        self.settings.families.get(req.variant).map_or(0, |f| self.settings.pricing.per_image(&f.name, req.image_size))
     }
 
     fn call_gemini(&mut self, mut planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
@@ -646,6 +716,7 @@ impl Exchange {
         let created = now_ms / 1000;
         let req = &planned.req;
         let body = Rc::new(openai::images_body(created, &images, req.response_format, usage));
+        self.cost_micro = self.price_per_image(req).saturating_mul(images.len() as u64);
         let mut headers = self.common_headers();
         if failed > 0 {
             headers.push(("x-images-failed".to_string(), failed.to_string()));
@@ -711,6 +782,7 @@ impl Exchange {
         now_ms: u64,
     ) -> Vec<Effect> {
         self.cache_state = CacheState::Hit(tier);
+        self.saved_micro = self.price_per_image(&planned.req).saturating_mul(u64::from(images));
         let headers = self.common_headers();
         let mut ending = Ending::new(200, Outcome::Success, Some(planned));
         ending.images = images;
@@ -868,6 +940,17 @@ impl Exchange {
         if let Some(calls) = ending.calls {
             effects.push(Effect::Count(Counter::UpstreamCalls, u64::from(calls.attempts())));
         }
+        // Per-profile series exist only for configured profiles.
+        if self.settings.profile.name == self.profile_name {
+            let p = &self.profile_name;
+            effects.push(Effect::Count(Counter::ProfileRequests(p.clone()), 1));
+            if self.cost_micro > 0 {
+                effects.push(Effect::Count(Counter::CostMicroUsd(p.clone()), self.cost_micro));
+            }
+            if self.saved_micro > 0 {
+                effects.push(Effect::Count(Counter::SavedMicroUsd(p.clone()), self.saved_micro));
+            }
+        }
         effects
     }
 
@@ -875,6 +958,7 @@ impl Exchange {
         let mut h = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("x-image-cache".to_string(), self.cache_state.as_str().to_string()),
+            ("x-image-cost-usd".to_string(), crate::policy::usd(self.cost_micro)),
         ];
         if let Some(p) = &self.known.prompt_hash {
             h.push(("x-image-prompt-hash".to_string(), p.clone()));
@@ -916,6 +1000,9 @@ impl Exchange {
             images: ending.images,
             failed_calls: ending.failed_calls,
             usage: ending.usage,
+            profile: self.profile_name.clone(),
+            cost_micro: self.cost_micro,
+            saved_micro: self.saved_micro,
         }
     }
 }

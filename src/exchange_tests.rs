@@ -66,7 +66,7 @@ fn start(s: &Rc<Settings>, body: Value) -> (Exchange, u32, Rc<Vec<u8>>, String) 
     assert!(ex.on_headers(1_000).is_empty());
     let effects = ex.on_body(body.to_string().as_bytes(), 1_001);
     assert!(matches!(effects[..], [Effect::Admit { .. }]), "{effects:?}");
-    match ex.on_admission(true, 1_001).into_iter().next() {
+    match ex.on_admission(Admission::Granted, 1_001).into_iter().next() {
         Some(Effect::CallGemini { count, body, upstream, deadline_ms, .. }) => {
             assert_eq!(deadline_ms, 1_000 + s.gemini.timeout_ms, "every attempt inside timeout_ms from the start");
             (ex, count, body, upstream)

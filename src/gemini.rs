@@ -89,6 +89,10 @@ pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub total_tokens: u64,
+    /// The input tokens by modality, from `promptTokensDetails` (0 for one Gemini does not
+    /// list): OpenAI's `input_tokens_details`.
+    pub text_tokens: u64,
+    pub image_tokens: u64,
 }
 
 impl Usage {
@@ -97,6 +101,8 @@ impl Usage {
         self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
         self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
         self.total_tokens = self.total_tokens.saturating_add(other.total_tokens);
+        self.text_tokens = self.text_tokens.saturating_add(other.text_tokens);
+        self.image_tokens = self.image_tokens.saturating_add(other.image_tokens);
     }
 }
 
@@ -222,6 +228,18 @@ struct WireUsage {
     thoughts_token_count: u64,
     #[serde(default)]
     total_token_count: u64,
+    #[serde(default)]
+    prompt_tokens_details: Vec<WireModalityCount>,
+}
+
+/// One modality's share of the prompt's tokens.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireModalityCount {
+    #[serde(default)]
+    modality: String,
+    #[serde(default)]
+    token_count: u64,
 }
 
 #[derive(Deserialize)]
@@ -312,10 +330,18 @@ fn read_success(body: Vec<u8>) -> (Result<GeminiImage, ApiError>, Option<Usage>)
         };
         let usage = wire.usage_metadata.map(|u| {
             let output = u.candidates_token_count.saturating_add(u.thoughts_token_count);
+            let modality = |name: &str| {
+                u.prompt_tokens_details
+                    .iter()
+                    .filter(|d| d.modality == name)
+                    .fold(0u64, |sum, d| sum.saturating_add(d.token_count))
+            };
             Usage {
                 input_tokens: u.prompt_token_count,
                 output_tokens: output,
                 total_tokens: u.total_token_count.max(u.prompt_token_count.saturating_add(output)),
+                text_tokens: modality("TEXT"),
+                image_tokens: modality("IMAGE"),
             }
         });
         if let Some(reason) = wire.prompt_feedback.and_then(|f| f.block_reason) {
@@ -598,7 +624,10 @@ mod tests {
         assert_eq!(img.base64(), b"iVBORw0KGgo=");
         assert!(matches!(img.data, Base64::InBody(..)));
         assert_eq!(img.text.as_deref(), Some("Here is a cat"));
-        assert_eq!(out.usage, Some(Usage { input_tokens: 10, output_tokens: 1390, total_tokens: 1400 }));
+        assert_eq!(
+            out.usage,
+            Some(Usage { input_tokens: 10, output_tokens: 1390, total_tokens: 1400, ..Default::default() })
+        );
     }
 
     #[test]

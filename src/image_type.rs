@@ -131,6 +131,27 @@ pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     (w > 0 && h > 0).then_some((w, h))
 }
 
+/// How far into an image given as base64 `dimensions_base64` decodes at most: a JPEG's frame
+/// header may follow metadata segments of up to 64 KiB each.
+const MAX_HEADER_BYTES: usize = 256 * 1024;
+
+/// Width and height of an image given as standard base64, decoding no more of it than its
+/// headers need: a PNG's come within 24 bytes, a WebP's within 30, a JPEG's after its metadata.
+pub fn dimensions_base64(b64: &[u8]) -> Option<(u32, u32)> {
+    let mut want = 64;
+    loop {
+        let prefix = decode_prefix(b64, want);
+        if let Some(d) = dimensions(&prefix) {
+            return Some(d);
+        }
+        // Only a JPEG's header can lie further in; stop at the end of the image or the bound.
+        if ImageType::sniff(&prefix) != Some(ImageType::Jpeg) || prefix.len() < want || want >= MAX_HEADER_BYTES {
+            return None;
+        }
+        want = (want * 16).min(MAX_HEADER_BYTES);
+    }
+}
+
 fn jpeg_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     let mut at: usize = 2; // after SOI
     for _ in 0..MAX_JPEG_SEGMENTS {
@@ -348,6 +369,27 @@ mod tests {
         assert_eq!(dimensions(&endless), None, "bounded walk");
         assert_eq!(dimensions(&[0xFF, 0xD8, 0xFF]), None);
         assert_eq!(dimensions(&[0xFF; 64]), None);
+    }
+
+    #[test]
+    fn dimensions_come_from_base64_decoding_only_the_headers() {
+        let b64 = |bytes: &[u8]| {
+            let mut out = Vec::new();
+            crate::base64::encode_into(&mut out, bytes);
+            out
+        };
+        let mut p = png(1024, 768, 2, &[(b"IDAT", &[7; 5000])]);
+        assert_eq!(dimensions_base64(&b64(&p)), Some((1024, 768)));
+        p.truncate(20);
+        assert_eq!(dimensions_base64(&b64(&p)), None, "IHDR cut off");
+        // A JPEG whose frame header follows a 60 KB metadata segment.
+        let mut j = vec![0xFF, 0xD8, 0xFF, 0xE1, 0xEA, 0x62];
+        j.extend(vec![0u8; 0xEA60]);
+        j.extend([0xFF, 0xC0, 0x00, 0x11, 0x08, 0x03, 0x00, 0x04, 0x00, 0x03]);
+        j.extend([0u8; 100]);
+        assert_eq!(dimensions_base64(&b64(&j)), Some((1024, 768)));
+        assert_eq!(dimensions_base64(b"not base64 at all"), None);
+        assert_eq!(dimensions_base64(b""), None);
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod model;
 pub mod multipart;
 pub mod named;
 pub mod openai;
+pub mod policy;
 pub mod request;
 pub mod safety;
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //! label (`gemini_image_errors{code="IMG_QUOTA_EXHAUSTED"}`); see docs/observability.md.
 
 use crate::backends::{Backends, Credential};
+use crate::config::Settings;
 use crate::error::ErrorCode;
 use crate::gemini::CallOutcome;
-use crate::model::Families;
 use crate::named::{named, Named};
 use crate::safety::SafetyLevel;
 
@@ -100,6 +100,14 @@ pub enum Counter {
     KeyCooldowns(String, usize),
     /// Metadata token fetches by backend name: succeeded (true) or failed.
     TokenFetches(String, bool),
+    /// Image requests by the policy profile in force.
+    ProfileRequests(String),
+    /// What Google was paid, by profile, in micro-dollars.
+    CostMicroUsd(String),
+    /// What cache hits saved, by profile, in micro-dollars.
+    SavedMicroUsd(String),
+    /// Requests refused by the profile's images per minute.
+    RateLimited(String),
 }
 
 /// How one attempt of a Gemini call ended, for `upstream_attempts`.
@@ -189,11 +197,16 @@ impl Counter {
             Counter::TokenFetches(b, ok) => {
                 format!("{PREFIX}.token_fetches.backend.{b}.outcome.{}", if *ok { "ok" } else { "failed" })
             }
+            Counter::ProfileRequests(p) => format!("{PREFIX}.profile_requests.profile.{p}"),
+            Counter::CostMicroUsd(p) => format!("{PREFIX}.cost_micro_usd.profile.{p}"),
+            Counter::SavedMicroUsd(p) => format!("{PREFIX}.saved_micro_usd.profile.{p}"),
+            Counter::RateLimited(p) => format!("{PREFIX}.rate_limited.profile.{p}"),
         }
     }
 
     /// Every counter, defined up front so that dashboards see zeros rather than gaps.
-    pub fn all(families: &Families, backends: &Backends) -> Vec<Counter> {
+    pub fn all(settings: &Settings) -> Vec<Counter> {
+        let (families, backends) = (&settings.families, &settings.backends);
         let levels = [SafetyLevel::Off, SafetyLevel::Low, SafetyLevel::Medium, SafetyLevel::High];
         let mut all: Vec<Counter> = Outcome::ALL.iter().copied().map(Counter::Requests).collect();
         all.extend(families.all_names().into_iter().map(Counter::ModelRequests));
@@ -224,6 +237,12 @@ impl Counter {
             Counter::CacheL1Evictions,
             Counter::CacheL1TooLarge,
         ]);
+        for p in settings.profiles.keys() {
+            all.push(Counter::ProfileRequests(p.clone()));
+            all.push(Counter::CostMicroUsd(p.clone()));
+            all.push(Counter::SavedMicroUsd(p.clone()));
+            all.push(Counter::RateLimited(p.clone()));
+        }
         all
     }
 }
@@ -253,13 +272,13 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_end_in_their_label() {
-        let families = crate::model::Families(crate::model::Family::defaults());
         let settings = crate::config::Settings::from_json(
-            br#"{"backends": [{"name": "studio", "kind": "gemini", "cluster": "g", "api_key_envs": ["A", "B"]}]}"#,
+            br#"{"backends": [{"name": "studio", "kind": "gemini", "cluster": "g", "api_key_envs": ["A", "B"]}],
+                 "profiles": {"kids-app": {}}}"#,
             &|_| None,
         )
         .unwrap();
-        let names: Vec<String> = Counter::all(&families, &settings.backends).iter().map(Counter::name).collect();
+        let names: Vec<String> = Counter::all(&settings).iter().map(Counter::name).collect();
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();
@@ -270,6 +289,8 @@ mod tests {
         assert!(names.contains(&"gemini_image.requests.outcome.success".to_string()));
         assert!(names.contains(&"gemini_image.upstream_attempts.backend.studio.key.1.outcome.quota".to_string()));
         assert!(names.contains(&"gemini_image.key_cooldowns.backend.studio.key.0".to_string()));
+        assert!(names.contains(&"gemini_image.cost_micro_usd.profile.kids-app".to_string()));
+        assert!(names.contains(&"gemini_image.saved_micro_usd.profile.default".to_string()));
         assert!(names.iter().all(|n| n.starts_with("gemini_image.")));
     }
 }

@@ -4,6 +4,8 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::gemini::Usage;
+use crate::image_type::{dimensions_base64, ImageType};
+use crate::named::Named;
 use crate::request::ResponseFormat;
 
 /// One image as the answer needs it, wherever it came from (Gemini or the cache).
@@ -43,17 +45,37 @@ pub fn images_body(created: u64, images: &[ImageView], format: ResponseFormat, u
         out.push(b'}');
     }
     out.push(b']');
+    // As gpt-image-1 answers: the format Gemini returned and the first image's own size.
+    if let Some(first) = images.first() {
+        if let Some(format) = output_format(first.mime_type) {
+            out.extend_from_slice(b",\"output_format\":\"");
+            out.extend_from_slice(format.as_bytes());
+            out.push(b'"');
+        }
+        if let Some((w, h)) = dimensions_base64(first.base64) {
+            out.extend_from_slice(format!(",\"size\":\"{w}x{h}\"").as_bytes());
+        }
+    }
     if let Some(u) = usage {
         out.extend_from_slice(
             format!(
-                ",\"usage\":{{\"input_tokens\":{},\"output_tokens\":{},\"total_tokens\":{},\"input_tokens_details\":{{\"text_tokens\":{},\"image_tokens\":0}}}}",
-                u.input_tokens, u.output_tokens, u.total_tokens, u.input_tokens
+                ",\"usage\":{{\"input_tokens\":{},\"output_tokens\":{},\"total_tokens\":{},\"input_tokens_details\":{{\"text_tokens\":{},\"image_tokens\":{}}}}}",
+                u.input_tokens, u.output_tokens, u.total_tokens, u.text_tokens, u.image_tokens
             )
             .as_bytes(),
         );
     }
     out.push(b'}');
     out
+}
+
+/// OpenAI's `output_format` for an image's MIME type.
+pub fn output_format(mime_type: &str) -> Option<&'static str> {
+    match ImageType::parse(mime_type)? {
+        ImageType::Png => Some("png"),
+        ImageType::Jpeg => Some("jpeg"),
+        ImageType::Webp => Some("webp"),
+    }
 }
 
 /// A JSON string's inner text (escaped, without quotes).
@@ -99,7 +121,7 @@ mod tests {
     fn images_answer_is_openai_json() {
         let a = image(Some("a \"quoted\" cat"));
         let b = image(None);
-        let usage = Usage { input_tokens: 3, output_tokens: 5, total_tokens: 8 };
+        let usage = Usage { input_tokens: 3, output_tokens: 5, total_tokens: 8, text_tokens: 2, image_tokens: 1 };
         let body = images_body(1700000000, &[a.view(), b.view()], ResponseFormat::B64Json, Some(usage));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["created"], 1700000000);
@@ -109,10 +131,30 @@ mod tests {
         assert_eq!(v["usage"]["input_tokens"], 3);
         assert_eq!(v["usage"]["output_tokens"], 5);
         assert_eq!(v["usage"]["total_tokens"], 8);
+        assert_eq!(v["usage"]["input_tokens_details"], json!({"text_tokens": 2, "image_tokens": 1}));
+        assert_eq!(v["output_format"], "png");
+        assert!(v.get("size").is_none(), "QUJD is no image header: no size rather than a wrong one");
         let body = images_body(1, &[b.view()], ResponseFormat::Url, None);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["data"][0]["url"], "data:image/png;base64,QUJD");
         assert!(v.get("usage").is_none());
+    }
+
+    #[test]
+    fn the_size_is_read_from_the_first_image_and_the_format_from_its_type() {
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+        png.extend(1344u32.to_be_bytes());
+        png.extend(768u32.to_be_bytes());
+        png.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        let mut b64 = Vec::new();
+        crate::base64::encode_into(&mut b64, &png);
+        let first = ImageView { mime_type: "image/png", text: None, base64: &b64 };
+        let other = ImageView { mime_type: "image/jpeg", text: None, base64: b"QUJD" };
+        let v: Value = serde_json::from_slice(&images_body(1, &[first, other], ResponseFormat::B64Json, None)).unwrap();
+        assert_eq!((v["size"].as_str(), v["output_format"].as_str()), (Some("1344x768"), Some("png")));
+        let v: Value = serde_json::from_slice(&images_body(1, &[other], ResponseFormat::B64Json, None)).unwrap();
+        assert_eq!(v["output_format"], "jpeg");
+        assert_eq!(output_format("image/gif"), None);
     }
 
     #[test]

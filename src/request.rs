@@ -263,7 +263,7 @@ pub fn parse_fields(
 
     // model
     let model = match field(obj, "model") {
-        None => DEFAULT_MODEL,
+        None => settings.profile.default_model.as_deref().unwrap_or(DEFAULT_MODEL),
         Some(Value::String(s)) => s.as_str(),
         Some(v) => {
             return Err(ApiError::param(
@@ -295,6 +295,17 @@ pub fn parse_fields(
                 ),
             )
         })?;
+    if !settings.profile.allows_model(model, &family.name) {
+        let allowed = settings.profile.models.as_deref().unwrap_or_default().join(", ");
+        return Err(ApiError::param(
+            ErrorCode::UnsupportedModel,
+            "model",
+            format!(
+                "model {} is not allowed for this caller on this gateway; allowed: {allowed}",
+                quote(&Value::String(model.into()))
+            ),
+        ));
+    }
 
     // n
     let n = match field(obj, "n") {

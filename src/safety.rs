@@ -39,6 +39,8 @@ pub enum SafetySource {
     Request,
     Environment,
     Config,
+    /// A profile's own default, or its minimum raising the inherited one.
+    Profile,
     BuiltIn,
 }
 

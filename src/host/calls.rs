@@ -27,6 +27,11 @@ pub fn request_header(name: &str) -> Option<String> {
     header(MapType::HttpRequestHeaders, name)
 }
 
+/// A stream property by path; absent, unreadable or refused: `None`.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
 pub fn call_response_header(name: &str) -> Option<String> {
     header(MapType::HttpCallResponseHeaders, name)
 }

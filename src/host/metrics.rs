@@ -15,7 +15,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn define(settings: &Settings) -> Metrics {
-        let counters = Counter::all(&settings.families, &settings.backends)
+        let counters = Counter::all(settings)
             .into_iter()
             .filter_map(|c| Some((calls::define_counter(&c.name())?, c)))
             .map(|(id, c)| (c, id))

@@ -37,6 +37,9 @@ impl Host for ProxyHost {
     fn request_header(&self, name: &str) -> Option<String> {
         calls::request_header(name)
     }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        calls::property(path)
+    }
     fn request_body(&self, size: usize) -> Vec<u8> {
         calls::request_body(size)
     }
