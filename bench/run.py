@@ -10,6 +10,7 @@ baseline, with the absolute medians beside it.
     .venv/bin/python bench/run.py [--duration 5] [--connections 4] [--concurrency 1,2]
 """
 import argparse
+import base64
 import copy
 import json
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from urllib.parse import urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -201,7 +203,7 @@ def main():
     results = {}
     try:
         # The exact bytes an L1 hit answers, for the direct_response baselines.
-        probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port, plugin=with_plugin(cache=None),
+        probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port, plugin=with_plugin(cache=None, urls=None),
                       env_extra={"GEMINI_API_KEY": "bench"}, concurrency=1)
         bodies = {}
         for name, prompt in prompts.items():
@@ -210,6 +212,10 @@ def main():
             bodies[name] = os.path.join(work, "answer-%s.json" % name)
             with open(bodies[name], "wb") as f:
                 f.write(body)
+            # The image's own bytes, for the direct_response baseline of an image URL.
+            bodies["image-" + name] = os.path.join(work, "image-%s.png" % name)
+            with open(bodies["image-" + name], "wb") as f:
+                f.write(base64.b64decode(json.loads(body)["data"][0]["b64_json"]))
         probe.stop()
         sizes = {k: os.path.getsize(v) for k, v in bodies.items()}
 
@@ -244,6 +250,7 @@ def main():
                                      lambda: wrk(url("images", "/v1/images/generations"), d, c, hit)))
                 body2 = json.dumps({"prompt": prompts["2m"]})
                 l1 = lua_post("/v1/images/generations", body2, ct, work)
+                hit2m = l1
                 rows.append(pair("L2 hit, 2 MiB image", "L1 hit, same image",
                                  lambda: wrk(url("images", "/v1/images/generations"), d, c, l1),
                                  lambda: wrk(url("l2only", "/v1/images/generations"), d, c, l1)))
@@ -281,6 +288,27 @@ def main():
                 rows.append(pair("pass-through: the filter switched off on the route (FilterConfig disabled)", "no filter at all",
                                  lambda: wrk(url("plain", "/__fake/echo"), d, c),
                                  lambda: wrk(url("images", "/off/__fake/echo"), d, c)))
+                # Image URLs: a GET of a 2 MiB image against Envoy's direct_response of the same
+                # bytes, from L1 (the decoded copy a worker keeps) and from L2 (the l2only
+                # listener has no L1, so every GET reads the record and the entry from L2).
+                file_url = {}
+                for listener in ("images", "l2only"):
+                    status, _, answer = http("POST", url(listener, "/v1/images/generations"),
+                                             json.dumps({"prompt": prompts["2m"], "response_format": "url"}).encode(), ct)
+                    assert status == 200, answer[:200]
+                    file_url[listener] = url(listener, urlsplit(json.loads(answer)["data"][0]["url"]).path)
+                time.sleep(0.3)  # the L2 writes go out on the root's next tick
+                for label, conns in (("wrk, %d connections" % c, c), ("sequential, 1 connection", 1)):
+                    t = 1 if conns == 1 else None
+                    rows.append(pair("L1 hit, 2 MiB image (%s)" % label, "Envoy direct_response, same bytes",
+                                     lambda: wrk(url("plain", "/direct/2m"), d, conns, threads=t),
+                                     lambda: wrk(url("images", "/v1/images/generations"), d, conns, hit2m, threads=t)))
+                    rows.append(pair("image URL GET from L1, 2 MiB image (%s)" % label, "Envoy direct_response, same image bytes",
+                                     lambda: wrk(url("plain", "/direct/image-2m"), d, conns, threads=t),
+                                     lambda: wrk(file_url["images"], d, conns, threads=t)))
+                    rows.append(pair("image URL GET from L2, 2 MiB image (%s)" % label, "image URL GET from L1, same image",
+                                     lambda: wrk(file_url["images"], d, conns, threads=t),
+                                     lambda: wrk(file_url["l2only"], d, conns, threads=t)))
                 results[conc] = [r for r in rows if r]
             finally:
                 proc.stop()

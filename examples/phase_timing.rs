@@ -3,8 +3,7 @@
 use std::time::Instant;
 
 use gemini_image_filter::gemini::{is_base64, read_call, CallResponse};
-use gemini_image_filter::openai::images_body;
-use gemini_image_filter::request::ResponseFormat;
+use gemini_image_filter::openai::{images_body, Rendering};
 
 fn main() {
     let b64: String = "QUJD".repeat(2_796_000 / 4);
@@ -24,7 +23,7 @@ fn main() {
         let t_read = t.elapsed();
         let img = out.result.unwrap();
         let t = Instant::now();
-        let rendered = images_body(1, &[img.view()], ResponseFormat::B64Json, None);
+        let rendered = images_body(1, &[img.view()], Rendering::B64Json, None);
         let t_render = t.elapsed();
         println!(
             "{} bytes: serde Value {:?}, is_base64 {:?} ({ok}), read_call (clone+parse+check) {:?}, render {:?} -> {}",

@@ -69,7 +69,7 @@ def with_plugin(base=None, **sections):
     JSON merge patch (RFC 7386): a dict merges into what is there key by key, None removes the
     key (an absent `cache`, `cache.l1` or `cache.l2` is off), anything else replaces it.
 
-        with_plugin(limits={"max_n": 10}, cache=None)
+        with_plugin(limits={"max_n": 10}, cache=None, urls=None)
         with_plugin(cache={"l1": None, "l2": {"cluster": "cache_down"}})
     """
     return _merge_patch(shipped_plugin() if base is None else base, sections)

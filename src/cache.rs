@@ -23,6 +23,18 @@ pub struct CacheKey {
     pub slot_seed: u64,
 }
 
+impl CacheKey {
+    /// A key as written out (`img:...:{sha256 hex}`), with the slot seed its hash gives.
+    pub fn from_key(key: &str) -> Option<CacheKey> {
+        let hash = key.strip_prefix("img:")?.rsplit(':').next()?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let seed = u64::from_str_radix(hash.get(..16)?, 16).ok()?;
+        Some(CacheKey { key: key.to_string(), slot_seed: seed })
+    }
+}
+
 /// The key of a request: the hash covers everything that changes what Gemini gets (upstream
 /// model, final prompt, ratio, image size, n, each category's threshold, and for edits each
 /// input image and the mask in order, with the text after them), so two requests share an
@@ -403,6 +415,11 @@ mod tests {
         assert_ne!(kids, k0);
         assert_ne!(kids, cache_key(&base_req, Some("design")).key);
         assert_eq!(kids, cache_key(&base_req, Some("kids")).key);
+        // A key read back gives the slot seed it was made with.
+        let made = cache_key(&base_req, None);
+        assert_eq!(CacheKey::from_key(&made.key), Some(made));
+        assert_eq!(CacheKey::from_key("img:x:short"), None);
+        assert_eq!(CacheKey::from_key("file:abc"), None);
         // What Gemini does not see does not change the key.
         assert_eq!(k0, key(json!({"prompt": "a cat", "n": 1, "response_format": "url", "user": "u"})));
         assert_eq!(k0, key(json!({"prompt": "a cat", "size": "1024x1024"})));

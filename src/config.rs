@@ -37,9 +37,28 @@ struct RawConfig {
     cache: Option<RawCache>,
     backends: Option<Vec<RawBackend>>,
     retry: Option<RawRetry>,
+    urls: Option<RawUrls>,
     profiles: BTreeMap<String, RawProfile>,
     profile_from: Option<RawProfileFrom>,
     pricing: Option<BTreeMap<String, BTreeMap<String, f64>>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawUrls {
+    base: String,
+    ttl_seconds: u64,
+    default_url_models: Vec<String>,
+}
+
+impl Default for RawUrls {
+    fn default() -> Self {
+        RawUrls {
+            base: String::new(),
+            ttl_seconds: 3600,
+            default_url_models: vec!["dall-e-2".into(), "dall-e-3".into()],
+        }
+    }
 }
 
 /// A profile in config: every key overrides the top level's for requests in that profile.
@@ -378,6 +397,16 @@ pub struct L2Settings {
     pub token: Option<String>,
 }
 
+/// Image URLs served by the filter (contract section 10, docs/image-urls.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlSettings {
+    /// What URLs start with (no trailing slash); `None`: the request's scheme and authority.
+    pub base: Option<String>,
+    pub ttl_seconds: u64,
+    /// Model names (as the client sends them) whose `response_format` defaults to `url`.
+    pub default_url_models: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheSettings {
     pub ttl_seconds: u64,
@@ -398,6 +427,8 @@ pub struct Settings {
     pub styles: Styles,
     pub edits: EditSettings,
     pub cache: Option<CacheSettings>,
+    /// Image URLs; `None`: `url` answers are `data:` URIs.
+    pub urls: Option<UrlSettings>,
     /// Where calls go: the `backends` list, or the `gemini` section as the one backend.
     pub backends: Backends,
     /// Things worth a warning at start-up that do not stop it (e.g. no API key).
@@ -801,6 +832,30 @@ impl Settings {
             }
         };
 
+        let urls = match raw.urls {
+            None => None,
+            Some(u) => {
+                let held = cache.as_ref().is_some_and(|c| c.l1.is_some() || c.l2.is_some());
+                if !held {
+                    return Err(ConfigError::Conflict(
+                        "urls needs a cache tier to keep the images in: configure cache.l1 or cache.l2, or remove urls"
+                            .into(),
+                    ));
+                }
+                in_range("urls.ttl_seconds", u.ttl_seconds, 1, MAX_TTL_SECONDS)?;
+                let base = u.base.trim().trim_end_matches('/').to_string();
+                let base_ok = (base.starts_with("http://") || base.starts_with("https://"))
+                    && base.bytes().all(|b| b.is_ascii_graphic() && !b"\"\\<>{}|^`".contains(&b));
+                if !base.is_empty() && !base_ok {
+                    return Err(invalid("urls.base", &u.base, "an http:// or https:// URL, or empty"));
+                }
+                Some(UrlSettings {
+                    base: (!base.is_empty()).then_some(base),
+                    ttl_seconds: u.ttl_seconds,
+                    default_url_models: u.default_url_models,
+                })
+            }
+        };
         let pricing = pricing(raw.pricing, &families, &mut warnings)?;
         let profile_from = match raw.profile_from {
             None => None,
@@ -848,6 +903,7 @@ impl Settings {
             families,
             backends,
             cache,
+            urls,
             warnings,
             profile: Profile::open(DEFAULT_PROFILE),
             pricing,
@@ -955,9 +1011,6 @@ fn resolve_profile(top: &Settings, name: &str, raw: RawProfile) -> Result<Settin
     }
     if let Some(mode) = &raw.cache {
         profile.cache = parse_named::<CacheMode>(&format!("{at}.cache"), mode)?;
-    }
-    if profile.cache == CacheMode::Off {
-        s.cache = None;
     }
 
     let r = raw.safety;
@@ -1237,7 +1290,7 @@ mod tests {
         assert_eq!(s.safety.default, SafetyLevel::Low);
         assert_eq!(s.profiles["floor"].safety.default, SafetyLevel::Medium);
         let quiet = &s.profiles["quiet"];
-        assert_eq!((quiet.cache.is_none(), quiet.profile.inflight), (true, Some((2, 268_435_456))));
+        assert_eq!((quiet.profile.cache == CacheMode::Off, quiet.profile.inflight), (true, Some((2, 268_435_456))));
         assert_eq!(
             s.profile_from.as_deref().unwrap(),
             ["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", "payload", "image_profile"]
@@ -1283,5 +1336,27 @@ mod tests {
         assert!(e.to_string().contains("pricing.gemini-3-pro-image.1K"), "{e}");
         let s = Settings::from_json(br#"{"cache": {"coalesce": false}}"#, &no_env).unwrap();
         assert!(s.cache.is_some());
+    }
+
+    #[test]
+    fn image_urls_need_a_cache_tier_and_a_sane_base() {
+        let s = Settings::from_json(br#"{"cache": {"l2": {}}, "urls": {}}"#, &no_env).unwrap();
+        let urls = s.urls.unwrap();
+        assert_eq!((urls.base, urls.ttl_seconds), (None, 3600));
+        assert_eq!(urls.default_url_models, ["dall-e-2", "dall-e-3"]);
+        let s = Settings::from_json(br#"{"cache": {"l1": {}}, "urls": {"base": "https://img.example/"}}"#, &no_env)
+            .unwrap();
+        assert_eq!(s.urls.unwrap().base.as_deref(), Some("https://img.example"));
+        for (json, needle) in [
+            (&br#"{"urls": {}}"#[..], "urls needs a cache tier"),
+            (br#"{"cache": {}, "urls": {}}"#, "urls needs a cache tier"),
+            (br#"{"cache": {"l1": {}}, "urls": {"base": "ftp://x"}}"#, "urls.base"),
+            (br#"{"cache": {"l1": {}}, "urls": {"base": "https://x/\"y"}}"#, "urls.base"),
+            (br#"{"cache": {"l1": {}}, "urls": {"ttl_seconds": 0}}"#, "urls.ttl_seconds"),
+            (br#"{"cache": {"l1": {}}, "urls": {"tll": 1}}"#, "tll"),
+        ] {
+            let e = Settings::from_json(json, &no_env).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e:?} should mention {needle}");
+        }
     }
 }

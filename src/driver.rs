@@ -20,6 +20,7 @@ use crate::endpoint::Endpoint;
 use crate::error::{ApiError, ErrorCode};
 use crate::exchange::CallMeta;
 use crate::exchange::{Admission, Effect, Exchange, HttpCall, Reply, RequestHead};
+use crate::files::{self, FileFetch};
 use crate::gemini::CallResponse;
 use crate::gemini::{self, CallOutcome};
 use crate::hot::HotSet;
@@ -31,6 +32,8 @@ pub trait Host {
     fn now_ms(&self) -> u64;
     /// A request header; only readable during the headers callback.
     fn request_header(&self, name: &str) -> Option<String>;
+    /// Fills `buf` from the host's CSPRNG (WASI `random_get`); false when it could not.
+    fn random(&mut self, buf: &mut [u8]) -> bool;
     /// A stream property (Envoy attribute) by path, such as route or dynamic metadata; only
     /// read during the headers callback. `None` when absent.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
@@ -457,6 +460,8 @@ pub struct StreamDriver {
     worker: Rc<RefCell<Worker>>,
     /// Present only for requests the filter answers.
     exchange: Option<Exchange>,
+    /// Present only for fetches of image URLs.
+    fetch: Option<FileFetch>,
     pending: Vec<PendingCall>,
     replied: bool,
     /// Bytes this request holds in the worker's budget, once admitted.
@@ -467,7 +472,16 @@ pub struct StreamDriver {
 
 impl StreamDriver {
     pub fn new(settings: Rc<Settings>, worker: Rc<RefCell<Worker>>) -> StreamDriver {
-        StreamDriver { settings, worker, exchange: None, pending: Vec::new(), replied: false, held: None, plan: None }
+        StreamDriver {
+            settings,
+            worker,
+            exchange: None,
+            fetch: None,
+            pending: Vec::new(),
+            replied: false,
+            held: None,
+            plan: None,
+        }
     }
 
     /// Gives the request's share of the budget back, once.
@@ -479,24 +493,10 @@ impl StreamDriver {
         }
     }
 
-    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
-        // The path first: on pass-through traffic that is the only host call.
-        let Some(endpoint) = host.request_header(":path").and_then(|p| Endpoint::for_path(&p)) else {
-            return Verdict::Continue;
-        };
-        // Methods are case-sensitive: `post` is not `POST`.
-        let method = host.request_header(":method").unwrap_or_default();
-        let wrong_method = method != endpoint.method();
-        let head = RequestHead {
-            method,
-            content_type: host.request_header("content-type"),
-            content_length: host.request_header("content-length").and_then(|v| v.trim().parse().ok()),
-            request_id: host.request_header("x-request-id"),
-            cache_control: host.request_header("cache-control"),
-        };
-        let now = host.now_ms();
-        // The profile in force: from dynamic metadata an earlier filter set, else the route's
-        // metadata, else `default`; never from a request header (contract section 15).
+    /// The profile in force: from dynamic metadata an earlier filter set, else the route's
+    /// metadata, else `default`; never from a request header (contract section 15). Its
+    /// settings become this stream's; `None` when the name has no profile.
+    fn resolve_profile(&mut self, host: &dyn Host) -> (String, Option<Rc<Settings>>) {
         let dynamic = self.settings.profile_from.as_ref().and_then(|path| {
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
             host.property(&path)
@@ -510,7 +510,39 @@ impl StreamDriver {
         if let Some(settings) = &profile {
             self.settings = settings.clone();
         }
+        (name, profile)
+    }
+
+    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
+        // The path first: on pass-through traffic that is the only host call.
+        let Some(path) = host.request_header(":path") else { return Verdict::Continue };
+        let Some(endpoint) = Endpoint::for_path(&path) else {
+            return match files::parse_path(&path) {
+                Some(id) if self.settings.urls.is_some() => self.on_file_request(host, id),
+                _ => Verdict::Continue,
+            };
+        };
+        // Methods are case-sensitive: `post` is not `POST`.
+        let method = host.request_header(":method").unwrap_or_default();
+        let wrong_method = method != endpoint.method();
+        let head = RequestHead {
+            method,
+            content_type: host.request_header("content-type"),
+            content_length: host.request_header("content-length").and_then(|v| v.trim().parse().ok()),
+            request_id: host.request_header("x-request-id"),
+            cache_control: host.request_header("cache-control"),
+            authority: host.request_header(":authority"),
+            forwarded_proto: host.request_header("x-forwarded-proto"),
+        };
+        let now = host.now_ms();
+        let (name, profile) = self.resolve_profile(host);
         let mut exchange = Exchange::new(self.settings.clone(), endpoint, head, now);
+        if self.settings.urls.is_some() {
+            let mut random = [0u8; files::TOKEN_BYTES];
+            if host.random(&mut random) {
+                exchange = exchange.with_url_token(files::token(&random));
+            }
+        }
         let effects = match (wrong_method, profile) {
             (true, _) => exchange.on_wrong_method(now),
             (false, None) => exchange.on_unknown_profile(&name, now),
@@ -530,7 +562,37 @@ impl StreamDriver {
         }
     }
 
+    /// A `GET`/`HEAD` of an image URL (`id` when well-formed): answered at once from the hot
+    /// set or L1, or after L2; nothing goes upstream.
+    fn on_file_request(&mut self, host: &mut dyn Host, id: Option<files::FileId>) -> Verdict {
+        let now = host.now_ms();
+        let head = files::FileHead {
+            method: host.request_header(":method").unwrap_or_default(),
+            if_none_match: host.request_header("if-none-match"),
+            request_id: host.request_header("x-request-id"),
+        };
+        let (name, profile) = self.resolve_profile(host);
+        let mut fetch = files::FileFetch::new(self.settings.clone(), id, head, &name, now);
+        let effects = match profile {
+            None => fetch.on_unknown_profile(now),
+            Some(_) => {
+                let hot = match fetch.hot_key() {
+                    key if key.is_empty() => None,
+                    key => self.worker.try_borrow_mut().ok().and_then(|mut w| w.hot.get_file(&key, now / 1000)),
+                };
+                let mut read = |k: &str| host.shared_get(k);
+                fetch.start(hot, &mut read, now)
+            }
+        };
+        self.fetch = Some(fetch);
+        self.run(host, effects);
+        Verdict::Pause
+    }
+
     pub fn on_request_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
+        if self.fetch.is_some() {
+            return Verdict::Pause; // answered locally; a body on a GET goes nowhere
+        }
         if self.exchange.is_none() {
             return Verdict::Continue;
         }
@@ -587,7 +649,14 @@ impl StreamDriver {
                 let effects = self.answered(host, index, key, attempts, response);
                 self.run(host, effects);
             }
-            CallKind::CacheGet => self.feed(host, |ex| ex.on_l2_response(response, now)),
+            CallKind::CacheGet => match self.fetch.as_mut() {
+                Some(fetch) => {
+                    let mut read = |k: &str| host.shared_get(k);
+                    let effects = fetch.on_l2_response(response, &mut read, now);
+                    self.run(host, effects);
+                }
+                None => self.feed(host, |ex| ex.on_l2_response(response, now)),
+            },
         }
     }
 
@@ -736,6 +805,10 @@ impl StreamDriver {
     /// The stream ends; a request still unanswered was abandoned by its client.
     pub fn on_log(&mut self, host: &mut dyn Host) {
         let now = host.now_ms();
+        if let Some(fetch) = self.fetch.as_mut() {
+            let effects = fetch.on_abandoned(now);
+            self.run(host, effects);
+        }
         self.feed(host, |ex| ex.on_abandoned(now));
         self.release();
     }
@@ -780,13 +853,16 @@ impl StreamDriver {
             let now = host.now_ms();
             return self.exchange.as_mut().map_or_else(Vec::new, |ex| ex.on_admission(admission, now));
         }
-        let Some(ex) = self.exchange.as_mut() else { return Vec::new() };
         match effect {
             Effect::Admit { .. } => Vec::new(),      // carried out above
             Effect::CallGemini { .. } => Vec::new(), // carried out above
-            Effect::LookupL1 { key, max_entries, format } => {
+            Effect::LookupL1 { key, max_entries, format, hot } => {
+                let Some(ex) = self.exchange.as_mut() else { return Vec::new() };
                 let now = host.now_ms();
-                let hot = self.worker.try_borrow_mut().ok().and_then(|mut w| w.hot.get(&key.key, format, now / 1000));
+                let hot = match hot {
+                    true => self.worker.try_borrow_mut().ok().and_then(|mut w| w.hot.get(&key.key, format, now / 1000)),
+                    false => None,
+                };
                 match hot {
                     Some(entry) => ex.on_l1_hot(entry, now),
                     None => {
@@ -800,6 +876,16 @@ impl StreamDriver {
                 if let Ok(mut w) = self.worker.try_borrow_mut() {
                     w.hot.put(&key, format, entry);
                 }
+                Vec::new()
+            }
+            Effect::RememberFile { record_key, entry } => {
+                if let Ok(mut w) = self.worker.try_borrow_mut() {
+                    w.hot.put_file(&record_key, entry);
+                }
+                Vec::new()
+            }
+            Effect::StoreShared { key, value } => {
+                host.shared_set(&key, &value);
                 Vec::new()
             }
             Effect::StoreL1 { meta_key, meta, data_key, data } => {
@@ -823,7 +909,17 @@ impl StreamDriver {
                         });
                         Vec::new()
                     }
-                    Err(_) => ex.on_l2_response(CallResponse::default(), host.now_ms()),
+                    Err(_) => {
+                        let now = host.now_ms();
+                        match (self.exchange.as_mut(), self.fetch.as_mut()) {
+                            (Some(ex), _) => ex.on_l2_response(CallResponse::default(), now),
+                            (None, Some(fetch)) => {
+                                let mut read = |k: &str| host.shared_get(k);
+                                fetch.on_l2_response(CallResponse::default(), &mut read, now)
+                            }
+                            (None, None) => Vec::new(),
+                        }
+                    }
                 }
             }
             Effect::WriteL2(call) => {

@@ -45,6 +45,7 @@ pub struct MemoryHost {
     pub now: u64,
     /// Stream properties by path joined with '/': route and dynamic metadata.
     pub properties: HashMap<String, Vec<u8>>,
+    pub random_calls: u32,
 }
 
 impl MemoryHost {
@@ -82,6 +83,14 @@ impl MemoryHost {
 }
 
 impl Host for MemoryHost {
+    fn random(&mut self, buf: &mut [u8]) -> bool {
+        // Distinct per call, which is what tests need of it.
+        self.random_calls += 1;
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (self.random_calls as u8).wrapping_mul(31).wrapping_add(i as u8);
+        }
+        true
+    }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.properties.get(&path.join("/")).cloned()
     }
@@ -1303,4 +1312,198 @@ fn a_profile_with_its_own_inflight_bound_is_held_to_it() {
     drop((first, second));
     assert_eq!(gw.worker().borrow().profile_budgets["small"].requests, 0);
     assert_eq!(gw.worker().borrow().budget.requests, 1, "the third still runs");
+}
+
+// ---- image URLs (contract section 10) ----
+
+const URLS: &str = r#"{
+  "cache": {"ttl_seconds": 600, "l1": {"max_entries": 8, "max_entry_bytes": 100000}, "l2": {}},
+  "urls": {"base": "https://gw.example", "ttl_seconds": 60},
+  "profiles": {"kids": {"cache": "private"}}
+}"#;
+
+impl Gateway {
+    /// A GET (or another method) of `path`, through headers, call-outs and the end of the stream.
+    fn fetch(&mut self, method: &str, path: &str, extra: &[(&str, &str)]) -> Reply {
+        self.host.counters.clear();
+        self.host.logs.clear();
+        self.host.request_headers = vec![(":path".into(), path.into()), (":method".into(), method.into())];
+        self.host.request_headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut stream = self.root.new_stream().expect("configured");
+        assert_eq!(stream.on_request_headers(&mut self.host, true), Verdict::Pause, "answered by the filter");
+        self.answer_calls(&mut stream);
+        stream.on_log(&mut self.host);
+        assert_eq!(self.host.replies.len(), 1, "exactly one reply");
+        assert_eq!(self.host.log_lines().len(), 1, "exactly one log line");
+        self.host.replies.pop().expect("a reply")
+    }
+
+    /// Answers L2 reads from what was written to it so far (as the cache service would).
+    fn l2_serves_its_writes(&mut self) {
+        let store: HashMap<String, Vec<u8>> =
+            self.l2_writes.iter().map(|c| (path_of(c), c.body.as_ref().clone())).collect();
+        self.l2 = Box::new(move |call| match store.get(&path_of(call)) {
+            Some(body) => CallResponse { status: Some(200), body: body.clone(), ..Default::default() },
+            None => CallResponse { status: Some(404), ..Default::default() },
+        });
+    }
+}
+
+fn url_path(answer: &Value, i: usize) -> String {
+    let url = answer["data"][i]["url"].as_str().expect("a url");
+    url.strip_prefix("https://gw.example").expect("under the base").to_string()
+}
+
+fn png_bytes() -> Vec<u8> {
+    crate::base64::decode(PNG.as_bytes()).unwrap()
+}
+
+#[test]
+fn a_url_answer_names_files_the_filter_serves() {
+    let mut gw = Gateway::new(URLS);
+    let r = gw.request(json!({"prompt": "a cat", "n": 2, "response_format": "url"}), None);
+    let answer = json_of(&r);
+    let path = url_path(&answer, 1);
+    assert!(path.starts_with("/v1/images/files/") && path.ends_with("-1"), "{path}");
+    assert!(!String::from_utf8_lossy(&r.body).contains(PNG), "no image bytes inline");
+    // GET: the image's bytes, its type, an etag and how long it lives.
+    let got = gw.fetch("GET", &path, &[]);
+    assert_eq!((got.status, got.body.as_slice()), (200, png_bytes().as_slice()));
+    assert_eq!(reply_header(&got, "content-type"), Some("image/png"));
+    assert_eq!(reply_header(&got, "cache-control"), Some("private, max-age=60"));
+    let etag = reply_header(&got, "etag").unwrap().to_string();
+    assert_eq!(gw.counted(Counter::FileFetches(crate::files::FetchResult::Ok)), 1);
+    let log = gw.log();
+    assert_eq!((log["endpoint"].as_str(), log["status"].as_u64()), (Some("files"), Some(200)));
+    assert!(!log.to_string().contains(&path[17..49]), "never the id in a log");
+    // Again: from the worker's hot set; then 304 for the etag; HEAD the same headers.
+    assert_eq!(gw.fetch("GET", &path, &[]).body.as_slice(), png_bytes().as_slice());
+    let not_modified = gw.fetch("GET", &path, &[("if-none-match", &etag)]);
+    assert_eq!((not_modified.status, not_modified.body.len()), (304, 0));
+    let head = gw.fetch("HEAD", &path, &[]);
+    assert_eq!((head.status, reply_header(&head, "etag")), (200, Some(etag.as_str())));
+    // Other methods, altered ids, and the same id with another index.
+    let post = gw.fetch("POST", &path, &[]);
+    assert_eq!((post.status, reply_header(&post, "allow")), (405, Some("GET, HEAD")));
+    let mut altered = path.clone().into_bytes();
+    altered[20] = if altered[20] == b'0' { b'1' } else { b'0' };
+    let r404 = gw.fetch("GET", std::str::from_utf8(&altered).unwrap(), &[]);
+    assert_eq!((r404.status, json_of(&r404)["error"]["code"].as_str()), (404, Some("IMG_IMAGE_NOT_FOUND")));
+    assert_eq!(gw.fetch("GET", &path.replace("-1", "-7"), &[]).status, 404);
+    assert_eq!(gw.fetch("GET", "/v1/images/files/nothing-0", &[]).status, 404);
+}
+
+#[test]
+fn a_url_lives_its_ttl_on_any_worker_and_from_l2() {
+    let mut a = Gateway::new(URLS);
+    let r = a.request(json!({"prompt": "a cat", "model": "dall-e-3"}), None);
+    let path = url_path(&json_of(&r), 0);
+    assert_eq!(a.fetch("GET", &path, &[]).status, 200);
+    // Another worker: the same shared data, its own (empty) hot set.
+    let mut b = Gateway::new(URLS);
+    b.host.shared = a.host.shared.clone();
+    b.host.shared_cas = a.host.shared_cas.clone();
+    assert_eq!(b.fetch("GET", &path, &[]).body.as_slice(), png_bytes().as_slice());
+    assert_eq!(b.gemini_calls, 0);
+    // Another Envoy of the fleet: nothing in shared data, the record and entry in L2.
+    let mut c = Gateway::new(URLS);
+    c.l2_writes = a.l2_writes.clone();
+    c.l2_serves_its_writes();
+    let got = c.fetch("GET", &path, &[]);
+    assert_eq!((got.status, reply_header(&got, "x-image-cache")), (200, Some("hit-l2")));
+    assert_eq!(got.body.as_slice(), png_bytes().as_slice());
+    // Copied into L1 on the way: another worker of that Envoy has it without L2.
+    let mut c2 = Gateway::new(URLS);
+    c2.host.shared = c.host.shared.clone();
+    let got = c2.fetch("GET", &path, &[]);
+    assert_eq!((got.status, reply_header(&got, "x-image-cache")), (200, Some("hit-l1")));
+    // The record outlives neither its TTL...
+    c.host.now = NOW_MS + 60_000;
+    b.host.now = NOW_MS + 60_000;
+    assert_eq!(b.fetch("GET", &path, &[]).status, 404);
+    // ... nor what L2 gives back for it, which is checked like any L2 answer.
+    let mut d = Gateway::new(URLS);
+    d.l2_writes = a.l2_writes.clone();
+    for w in d.l2_writes.iter_mut().filter(|w| path_of(w).starts_with("/v1/cache/img:")) {
+        w.body = Rc::new(b"GIE1 garbage".to_vec());
+    }
+    d.l2_serves_its_writes();
+    assert_eq!(d.fetch("GET", &path, &[]).status, 404);
+}
+
+#[test]
+fn answers_not_in_the_cache_keep_their_images_for_their_urls() {
+    let mut gw = Gateway::new(URLS);
+    // A partial answer is never cached, yet its URLs work.
+    gw.gemini = Box::new({
+        let mut i = 0;
+        move || {
+            i += 1;
+            if i == 1 {
+                ok_response(PNG)
+            } else {
+                error_response(503, "UNAVAILABLE")
+            }
+        }
+    });
+    let r = gw.request(json!({"prompt": "half", "n": 2, "response_format": "url"}), None);
+    assert_eq!(reply_header(&r, "x-images-failed"), Some("1"));
+    assert_eq!(gw.fetch("GET", &url_path(&json_of(&r), 0), &[]).status, 200);
+    // no-store: kept for the URL, not for the cache.
+    gw.gemini = Box::new(|| ok_response(PNG));
+    let r = gw.request(json!({"prompt": "secret", "response_format": "url"}), Some("no-store"));
+    assert_eq!(gw.fetch("GET", &url_path(&json_of(&r), 0), &[]).status, 200);
+    let again = gw.request(json!({"prompt": "secret", "response_format": "url"}), None);
+    assert_eq!(reply_header(&again, "x-image-cache"), Some("miss"), "no-store kept it out of the cache");
+    // A hit gets URLs of its own.
+    let hit = gw.request(json!({"prompt": "secret", "response_format": "url"}), None);
+    assert_eq!(reply_header(&hit, "x-image-cache"), Some("hit-l1"));
+    assert_ne!(url_path(&json_of(&hit), 0), url_path(&json_of(&again), 0));
+    assert_eq!(gw.fetch("GET", &url_path(&json_of(&hit), 0), &[]).status, 200);
+}
+
+#[test]
+fn a_private_profiles_urls_are_its_own() {
+    let mut gw = Gateway::new(URLS);
+    gw.host.properties = [(ROUTE_PROFILE.to_string(), b"kids".to_vec())].into();
+    let r = gw.request(json!({"prompt": "mine", "response_format": "url"}), None);
+    let path = url_path(&json_of(&r), 0);
+    assert_eq!(gw.fetch("GET", &path, &[]).status, 200);
+    gw.host.properties.clear();
+    assert_eq!(gw.fetch("GET", &path, &[]).status, 404, "the default profile does not find it");
+}
+
+#[test]
+fn without_a_tier_that_can_hold_them_images_stay_inline() {
+    let config =
+        r#"{"cache": {"l1": {"max_entries": 4, "max_entry_bytes": 10}}, "urls": {"base": "https://gw.example"}}"#;
+    let mut gw = Gateway::new(config);
+    let r = gw.request(json!({"prompt": "big", "response_format": "url"}), None);
+    assert!(json_of(&r)["data"][0]["url"].as_str().unwrap().starts_with("data:image/png;base64,"));
+    // b64_json is b64_json, and without urls a url is a data: URI.
+    let r = gw.request(json!({"prompt": "b64"}), None);
+    assert!(json_of(&r)["data"][0]["b64_json"].is_string());
+    let mut plain = Gateway::new(CACHED);
+    let r = plain.request(json!({"prompt": "x", "model": "dall-e-3"}), None);
+    assert!(json_of(&r)["data"][0]["b64_json"].is_string(), "url by default only with urls on");
+}
+
+#[test]
+fn the_base_comes_from_the_request_when_none_is_configured() {
+    let config = r#"{"cache": {"l1": {}}, "urls": {}}"#;
+    let mut gw = Gateway::new(config);
+    gw.host.request_headers = post_headers();
+    let mut headers = post_headers();
+    headers.push((":authority".into(), "images.example:8443".into()));
+    headers.push(("x-forwarded-proto".into(), "https".into()));
+    gw.host.request_headers = headers.clone();
+    gw.host.body = json!({"prompt": "p", "model": "dall-e-3"}).to_string().into_bytes();
+    let mut stream = gw.root.new_stream().unwrap();
+    stream.on_request_headers(&mut gw.host, false);
+    let size = gw.host.body.len();
+    stream.on_request_body(&mut gw.host, size, true);
+    gw.answer_calls(&mut stream);
+    let r = gw.host.replies.pop().unwrap();
+    let url = json_of(&r)["data"][0]["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("https://images.example:8443/v1/images/files/"), "{url}");
 }

@@ -29,6 +29,9 @@ pub struct RequestHead {
     pub content_length: Option<u64>,
     pub request_id: Option<String>,
     pub cache_control: Option<String>,
+    /// `:authority` and `x-forwarded-proto`: the base of image URLs when `urls.base` is empty.
+    pub authority: Option<String>,
+    pub forwarded_proto: Option<String>,
 }
 
 /// An HTTP call-out to make.
@@ -91,6 +94,9 @@ pub enum Effect {
         key: CacheKey,
         max_entries: u32,
         format: ResponseFormat,
+        /// Whether a rendered answer from the hot set would do (not for image URLs, which
+        /// are new for every answer).
+        hot: bool,
     },
     /// Keep a rendered answer in the worker's hot set.
     RememberHot {
@@ -104,6 +110,16 @@ pub enum Effect {
         meta: Vec<u8>,
         data_key: String,
         data: Rc<Vec<u8>>,
+    },
+    /// Write a small value to shared data (an image URL's record).
+    StoreShared {
+        key: String,
+        value: Rc<Vec<u8>>,
+    },
+    /// Keep an image URL's decoded image in the worker's hot set.
+    RememberFile {
+        record_key: String,
+        entry: HotEntry,
     },
     /// Ask the cache service; the answer comes back as `on_l2_response`.
     CallL2(HttpCall),
@@ -308,6 +324,8 @@ pub struct Exchange {
     /// What Google was paid for this request, and what a cache hit saved, in micro-dollars.
     cost_micro: u64,
     saved_micro: u64,
+    /// 128 random bits for this answer's image URLs (when the gateway serves them).
+    url_token: Option<String>,
 }
 
 /// What the worker said to a request that asked to make Gemini calls.
@@ -325,7 +343,8 @@ pub enum Admission {
 impl Exchange {
     pub fn new(settings: Rc<Settings>, endpoint: Endpoint, head: RequestHead, now_ms: u64) -> Exchange {
         let no_store = head.cache_control.as_deref().is_some_and(|c| has_directive(c, "no-store"));
-        let cache_state = if settings.cache.is_some() && no_store { CacheState::Bypass } else { CacheState::Miss };
+        let caching = settings.cache.is_some() && settings.profile.cache != CacheMode::Off;
+        let cache_state = if caching && no_store { CacheState::Bypass } else { CacheState::Miss };
         Exchange {
             head,
             endpoint,
@@ -336,12 +355,62 @@ impl Exchange {
             profile_name: settings.profile.name.clone(),
             cost_micro: 0,
             saved_micro: 0,
+            url_token: None,
             settings,
         }
     }
 
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
+    }
+
+    /// Gives the exchange the random token its image URLs are named with.
+    pub fn with_url_token(mut self, token: String) -> Exchange {
+        self.url_token = Some(token);
+        self
+    }
+
+    /// Where this request's image URLs start (`{base}/v1/images/files/{token}`), when it
+    /// asked for `url` and the gateway serves them; `None`: images are inline.
+    fn url_prefix(&self, req: &ImageRequest) -> Option<String> {
+        let urls = self.settings.urls.as_ref()?;
+        if req.response_format != ResponseFormat::Url {
+            return None;
+        }
+        let token = self.url_token.as_deref()?;
+        let base = match &urls.base {
+            Some(b) => b.clone(),
+            None => {
+                let authority = self.head.authority.as_deref().filter(|a| {
+                    !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+                })?;
+                let scheme = match self.head.forwarded_proto.as_deref().map(str::trim) {
+                    Some(p) if p.eq_ignore_ascii_case("https") => "https",
+                    _ => "http",
+                };
+                format!("{scheme}://{authority}")
+            }
+        };
+        Some(format!("{base}{}{token}", crate::files::FILES_PATH))
+    }
+
+    /// The record key of this answer's image URLs.
+    fn url_record_key(&self) -> Option<String> {
+        let token = self.url_token.as_deref()?;
+        let p = &self.settings.profile;
+        Some(crate::files::record_key(token, (p.cache == CacheMode::Private).then_some(p.name.as_str())))
+    }
+
+    /// The records that make an answer's URLs findable: its images are in the entry under
+    /// `entry_key` until `entry_expires_s`; the URLs live `urls.ttl_seconds` but never longer.
+    fn url_records(&self, entry_key: &str, images: u32, entry_expires_s: u64, now_s: u64) -> Vec<Effect> {
+        let (Some(urls), Some(record_key)) = (&self.settings.urls, self.url_record_key()) else { return Vec::new() };
+        let record = crate::files::Record {
+            entry_key: entry_key.to_string(),
+            images,
+            expires_at_s: now_s.saturating_add(urls.ttl_seconds).min(entry_expires_s),
+        };
+        crate::files::record_writes(&self.settings, &record_key, &record, now_s)
     }
 
     /// Headers seen: an endpoint the profile does not allow, or a declared body over the
@@ -431,6 +500,7 @@ impl Exchange {
                     key: key.clone(),
                     max_entries: l1.max_entries,
                     format: planned.req.response_format,
+                    hot: self.url_prefix(&planned.req).is_none(),
                 };
                 self.phase = Phase::AwaitingL1(planned);
                 vec![effect]
@@ -480,7 +550,7 @@ impl Exchange {
     }
 
     fn plan_cache(&self, req: &ImageRequest) -> CachePlan {
-        if self.settings.cache.is_none() || self.cache_state == CacheState::Bypass {
+        if !self.caching() || self.cache_state == CacheState::Bypass {
             return CachePlan::default();
         }
         let cc = self.head.cache_control.as_deref().unwrap_or("");
@@ -579,7 +649,7 @@ impl Exchange {
     /// up to `answer_estimate` bytes each.
     fn admit(&mut self, planned: Box<Planned>) -> Vec<Effect> {
         let mut effects = Vec::with_capacity(2);
-        if self.settings.cache.is_some() {
+        if self.caching() {
             let looked = planned.cache.key.is_some();
             effects.push(Effect::Count(if looked { Counter::CacheMisses } else { Counter::CacheBypass }, 1));
         }
@@ -625,6 +695,11 @@ impl Exchange {
         let mut effects = self.error_reply(e, ending, now_ms);
         effects.extend(counted);
         effects
+    }
+
+    /// Whether this request's profile uses the cache at all (`cache: off` does not).
+    fn caching(&self) -> bool {
+        self.settings.cache.is_some() && self.settings.profile.cache != CacheMode::Off
     }
 
     /// What one image of this request costs at the profile's prices, in micro-dollars.
@@ -715,7 +790,28 @@ impl Exchange {
         }
         let created = now_ms / 1000;
         let req = &planned.req;
-        let body = Rc::new(openai::images_body(created, &images, req.response_format, usage));
+        // Only complete successes are stored in the cache.
+        let (stores, in_cache) =
+            if failed == 0 { self.store(planned, &images, usage, created) } else { (Vec::new(), false) };
+        // Image URLs point at the cache entry, or at an entry of their own when the answer is
+        // not cached; when neither tier can hold one, the images go inline after all.
+        let prefix = self.url_prefix(req);
+        let mut url_writes = Vec::new();
+        let mut rendering = openai::Rendering::inline(req.response_format);
+        if let (Some(prefix), Some(c)) = (&prefix, &self.settings.cache) {
+            let count = images.len() as u32;
+            let held = match (&planned.cache.key, in_cache) {
+                (Some(key), true) => {
+                    Some(self.url_records(&key.key, count, cache::expires_at(created, c.ttl_seconds), created))
+                }
+                _ => self.hold_for_urls(&images, usage, created),
+            };
+            if let Some(writes) = held {
+                url_writes = writes;
+                rendering = openai::Rendering::Files(prefix);
+            }
+        }
+        let body = Rc::new(openai::images_body(created, &images, rendering, usage));
         self.cost_micro = self.price_per_image(req).saturating_mul(images.len() as u64);
         let mut headers = self.common_headers();
         if failed > 0 {
@@ -731,12 +827,43 @@ impl Exchange {
         let mut effects = vec![Effect::Reply(Reply { status: 200, headers, body: body.clone() })];
         effects.extend(self.report(&ending, now_ms));
         effects.push(Effect::Count(Counter::Images, u64::from(ending.images)));
-        if failed == 0 {
-            // Only complete successes are stored.
+        if failed == 0 && !matches!(rendering, openai::Rendering::Files(_)) {
             effects.extend(self.remember(planned, &body, ending.images, usage, created));
-            effects.extend(self.store(planned, &images, usage, created));
         }
+        effects.extend(stores);
+        effects.extend(url_writes);
         effects
+    }
+
+    /// Keeps an answer that is not in the cache for its image URLs alone, under a key of the
+    /// URLs' own, for `urls.ttl_seconds`: the writes (entry and records), or `None` when no
+    /// tier can hold it (L1 off or the entry over its bound, and no L2).
+    fn hold_for_urls(&self, images: &[ImageView], usage: Option<Usage>, created: u64) -> Option<Vec<Effect>> {
+        let (Some(c), Some(urls), Some(token)) = (&self.settings.cache, &self.settings.urls, &self.url_token) else {
+            return None;
+        };
+        let key = crate::files::own_entry_key(token);
+        let cache_key = CacheKey::from_key(&key)?;
+        let entry = Rc::new(cache::encode_entry(&key, created, usage, images));
+        let expires = created.saturating_add(urls.ttl_seconds);
+        let mut writes = Vec::new();
+        if let Some(l1) = c.l1.as_ref().filter(|l1| entry.len() <= l1.max_entry_bytes) {
+            let slot = cache::l1_slot_at(cache::l1_slots(&cache_key, l1.max_entries).first().map_or(0, |s| s.index));
+            writes.push(Effect::StoreL1 {
+                meta_key: slot.meta_key,
+                meta: cache::encode_l1_meta(&key, expires),
+                data_key: slot.data_key,
+                data: entry.clone(),
+            });
+        }
+        if let Some(l2) = &c.l2 {
+            writes.push(Effect::WriteL2(crate::files::l2_put(l2, &key, entry, urls.ttl_seconds)));
+        }
+        if writes.is_empty() {
+            return None;
+        }
+        writes.extend(self.url_records(&key, images.len() as u32, expires, created));
+        Some(writes)
     }
 
     /// Answers from a cache entry, with the entry's creation time. L1 entries were written by
@@ -763,11 +890,22 @@ impl Exchange {
             CacheTier::L2 => cache::verify_untrusted(&entry, planned.req.n, now_s, c.ttl_seconds)
                 .map_err(|_| EntryMiss::Distrusted)?,
         }
-        let body = Rc::new(openai::images_body(entry.created, &entry.images, planned.req.response_format, entry.usage));
+        let entry_expires = cache::expires_at(entry.created, c.ttl_seconds);
+        let prefix = self.url_prefix(&planned.req);
+        let rendering = match &prefix {
+            Some(p) => openai::Rendering::Files(p),
+            None => openai::Rendering::inline(planned.req.response_format),
+        };
+        let body = Rc::new(openai::images_body(entry.created, &entry.images, rendering, entry.usage));
         let images = entry.images.len() as u32;
-        let remember = self.remember(planned, &body, images, entry.usage, entry.created);
+        // Image URLs are new for every answer: neither kept in the hot set nor served from it.
+        let (remember, records) = match prefix {
+            None => (self.remember(planned, &body, images, entry.usage, entry.created), Vec::new()),
+            Some(_) => (None, self.url_records(&key.key, images, entry_expires, now_s)),
+        };
         let mut effects = self.serve_hit(planned, tier, body, images, entry.usage, now_ms);
         effects.extend(remember);
+        effects.extend(records);
         Ok((effects, entry.created))
     }
 
@@ -815,6 +953,7 @@ impl Exchange {
             format: planned.req.response_format,
             entry: HotEntry {
                 body: body.clone(),
+                content_type: "application/json",
                 images,
                 usage,
                 expires_at_s: cache::expires_at(created, c.ttl_seconds),
@@ -850,31 +989,27 @@ impl Exchange {
         effects
     }
 
-    /// The writes for a complete success: L1 now, L2 from the root context.
-    fn store(&self, planned: &Planned, images: &[ImageView], usage: Option<Usage>, created: u64) -> Vec<Effect> {
-        let (Some(key), Some(c)) = (&planned.cache.key, &self.settings.cache) else { return Vec::new() };
+    /// The writes for a complete success: L1 now, L2 from the root context; and whether a
+    /// tier holds the entry (L2, or L1 when it fits).
+    fn store(
+        &self,
+        planned: &Planned,
+        images: &[ImageView],
+        usage: Option<Usage>,
+        created: u64,
+    ) -> (Vec<Effect>, bool) {
+        let (Some(key), Some(c)) = (&planned.cache.key, &self.settings.cache) else { return (Vec::new(), false) };
         if c.l1.is_none() && c.l2.is_none() {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let entry = Rc::new(cache::encode_entry(&key.key, created, usage, images));
+        let in_l1 = c.l1.as_ref().is_some_and(|l1| entry.len() <= l1.max_entry_bytes);
         let mut effects = self.l1_store(planned, entry.clone(), created);
         if let Some(l2) = &c.l2 {
-            let mut headers = vec![
-                (":method".to_string(), "PUT".to_string()),
-                (":path".to_string(), cache::l2_path(&key.key)),
-                (":authority".to_string(), l2.authority.clone()),
-                ("content-type".to_string(), "application/octet-stream".to_string()),
-                ("x-cache-ttl-seconds".to_string(), c.ttl_seconds.to_string()),
-            ];
-            if let Some(token) = &l2.token {
-                headers.push(("authorization".to_string(), format!("Bearer {token}")));
-            }
-            let call =
-                HttpCall { cluster: l2.cluster.clone(), headers, body: entry, timeout_ms: l2.timeout_ms.max(1000) };
-            effects.push(Effect::WriteL2(call));
+            effects.push(Effect::WriteL2(crate::files::l2_put(l2, &key.key, entry, c.ttl_seconds)));
             effects.push(Effect::Count(Counter::CacheStores(CacheTier::L2), 1));
         }
-        effects
+        (effects, in_l1 || c.l2.is_some())
     }
 
     /// The client went away before the answer: one log line, no reply.
@@ -972,7 +1107,7 @@ impl Exchange {
     fn log_record(&self, ending: &Ending, now_ms: u64) -> LogRecord {
         let req = ending.planned.map(|p| &p.req);
         LogRecord {
-            endpoint: self.endpoint,
+            endpoint: self.endpoint.as_str(),
             outcome: ending.outcome,
             status: ending.status,
             error: ending.error,

@@ -21,6 +21,8 @@ fn head() -> RequestHead {
         content_length: None,
         request_id: Some("req-1".into()),
         cache_control: None,
+        authority: Some("gw.example:8080".into()),
+        forwarded_proto: None,
     }
 }
 

@@ -4,6 +4,7 @@
 //! out again; a hot hit only hands Envoy the bytes already rendered. An entry is a valid answer
 //! for its key until it expires, so a hot copy needs no check against shared data. Bounded by
 //! bytes (and by count), least recently used out first; keyed by cache key and response format.
+//! Image URLs keep their decoded images here too, by URL record (docs/image-urls.md).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -18,6 +19,8 @@ const MAX_COUNT: usize = 64;
 pub struct HotEntry {
     /// The whole answer body, as sent.
     pub body: Rc<Vec<u8>>,
+    /// What the body is: `application/json` for an answer, the image's type for a file.
+    pub content_type: &'static str,
     pub images: u32,
     pub usage: Option<Usage>,
     pub expires_at_s: u64,
@@ -38,16 +41,32 @@ fn slot_name(key: &str, format: ResponseFormat) -> String {
     format!("{f}|{key}")
 }
 
+fn file_name(record_key: &str) -> String {
+    format!("file|{record_key}")
+}
+
 impl HotSet {
     pub fn new(max_bytes: usize) -> HotSet {
         HotSet { max_bytes, used: 0, tick: 0, entries: HashMap::new() }
     }
 
     pub fn get(&mut self, key: &str, format: ResponseFormat, now_s: u64) -> Option<HotEntry> {
+        self.get_named(slot_name(key, format), now_s)
+    }
+
+    /// The decoded image of an image URL's record.
+    pub fn get_file(&mut self, record_key: &str, now_s: u64) -> Option<HotEntry> {
+        self.get_named(file_name(record_key), now_s)
+    }
+
+    pub fn put_file(&mut self, record_key: &str, entry: HotEntry) {
+        self.put_named(file_name(record_key), entry)
+    }
+
+    fn get_named(&mut self, name: String, now_s: u64) -> Option<HotEntry> {
         if self.max_bytes == 0 {
             return None;
         }
-        let name = slot_name(key, format);
         let fresh = self.entries.get(&name).map(|(e, _)| e.expires_at_s > now_s)?;
         if !fresh {
             self.remove(&name);
@@ -61,11 +80,14 @@ impl HotSet {
     }
 
     pub fn put(&mut self, key: &str, format: ResponseFormat, entry: HotEntry) {
+        self.put_named(slot_name(key, format), entry)
+    }
+
+    fn put_named(&mut self, name: String, entry: HotEntry) {
         let size = entry.body.len();
         if size > self.max_bytes {
             return;
         }
-        let name = slot_name(key, format);
         self.remove(&name);
         while self.used + size > self.max_bytes || self.entries.len() >= MAX_COUNT {
             let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) else { break };
@@ -92,7 +114,13 @@ mod tests {
     use super::*;
 
     fn entry(size: usize, expires: u64) -> HotEntry {
-        HotEntry { body: Rc::new(vec![b'x'; size]), images: 1, usage: None, expires_at_s: expires }
+        HotEntry {
+            body: Rc::new(vec![b'x'; size]),
+            content_type: "application/json",
+            images: 1,
+            usage: None,
+            expires_at_s: expires,
+        }
     }
 
     #[test]
@@ -101,8 +129,12 @@ mod tests {
         h.put("k", ResponseFormat::B64Json, entry(10, 50));
         assert!(h.get("k", ResponseFormat::B64Json, 49).is_some());
         assert!(h.get("k", ResponseFormat::Url, 49).is_none(), "another format is another answer");
+        assert!(h.get_file("k", 49).is_none(), "a file is another thing");
         assert!(h.get("k", ResponseFormat::B64Json, 50).is_none(), "expired");
         assert_eq!(h.used_bytes(), 0);
+        h.put_file("k", entry(5, 50));
+        assert!(h.get_file("k", 49).is_some());
+        assert!(h.get("k", ResponseFormat::B64Json, 49).is_none());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod edit;
 pub mod endpoint;
 pub mod error;
 pub mod exchange;
+pub mod files;
 pub mod gemini;
 pub mod geometry;
 pub mod hash;

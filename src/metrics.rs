@@ -5,6 +5,7 @@
 use crate::backends::{Backends, Credential};
 use crate::config::Settings;
 use crate::error::ErrorCode;
+use crate::files::FetchResult;
 use crate::gemini::CallOutcome;
 use crate::named::{named, Named};
 use crate::safety::SafetyLevel;
@@ -12,8 +13,9 @@ use crate::safety::SafetyLevel;
 pub const PREFIX: &str = "gemini_image";
 
 /// How a request ended, for `requests.outcome.*`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Outcome {
+    #[default]
     Success,
     /// A 200 with fewer images than asked.
     Partial,
@@ -33,9 +35,10 @@ pub enum CacheTier {
 named!(CacheTier { L1 => "l1", L2 => "l2" });
 
 /// What the cache did for a request: the `x-image-cache` header and the log's `cache` field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CacheState {
     /// Looked and did not find, or no cache is configured.
+    #[default]
     Miss,
     /// The client said `no-store`.
     Bypass,
@@ -108,6 +111,8 @@ pub enum Counter {
     SavedMicroUsd(String),
     /// Requests refused by the profile's images per minute.
     RateLimited(String),
+    /// Fetches of image URLs by how they ended.
+    FileFetches(FetchResult),
 }
 
 /// How one attempt of a Gemini call ended, for `upstream_attempts`.
@@ -201,6 +206,7 @@ impl Counter {
             Counter::CostMicroUsd(p) => format!("{PREFIX}.cost_micro_usd.profile.{p}"),
             Counter::SavedMicroUsd(p) => format!("{PREFIX}.saved_micro_usd.profile.{p}"),
             Counter::RateLimited(p) => format!("{PREFIX}.rate_limited.profile.{p}"),
+            Counter::FileFetches(r) => format!("{PREFIX}.file_fetches.outcome.{}", r.as_str()),
         }
     }
 
@@ -237,6 +243,7 @@ impl Counter {
             Counter::CacheL1Evictions,
             Counter::CacheL1TooLarge,
         ]);
+        all.extend(FetchResult::ALL.iter().copied().map(Counter::FileFetches));
         for p in settings.profiles.keys() {
             all.push(Counter::ProfileRequests(p.clone()));
             all.push(Counter::CostMicroUsd(p.clone()));

@@ -17,9 +17,32 @@ pub struct ImageView<'a> {
     pub base64: &'a [u8],
 }
 
+/// How the images of an answer are given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rendering<'a> {
+    B64Json,
+    /// `url` when the gateway serves no image URLs: a `data:` URI.
+    DataUri,
+    /// `url` as an image URL: this prefix, then `-{index}`.
+    Files(&'a str),
+}
+
+impl Rendering<'_> {
+    /// The rendering of a response format without image URLs.
+    pub fn inline(format: ResponseFormat) -> Rendering<'static> {
+        match format {
+            ResponseFormat::B64Json => Rendering::B64Json,
+            ResponseFormat::Url => Rendering::DataUri,
+        }
+    }
+}
+
 /// The success body, written straight into one buffer so the base64 is copied once.
-pub fn images_body(created: u64, images: &[ImageView], format: ResponseFormat, usage: Option<Usage>) -> Vec<u8> {
-    let payload: usize = images.iter().map(|i| i.base64.len() + 64).sum();
+pub fn images_body(created: u64, images: &[ImageView], format: Rendering, usage: Option<Usage>) -> Vec<u8> {
+    let payload: usize = match format {
+        Rendering::Files(prefix) => images.len() * (prefix.len() + 32),
+        _ => images.iter().map(|i| i.base64.len() + 64).sum(),
+    };
     let mut out = Vec::with_capacity(payload + 256);
     out.extend_from_slice(b"{\"created\":");
     out.extend_from_slice(created.to_string().as_bytes());
@@ -29,14 +52,22 @@ pub fn images_body(created: u64, images: &[ImageView], format: ResponseFormat, u
             out.push(b',');
         }
         match format {
-            ResponseFormat::B64Json => out.extend_from_slice(b"{\"b64_json\":\""),
-            ResponseFormat::Url => {
+            Rendering::B64Json => {
+                out.extend_from_slice(b"{\"b64_json\":\"");
+                out.extend_from_slice(image.base64);
+            }
+            Rendering::DataUri => {
                 out.extend_from_slice(b"{\"url\":\"data:");
                 push_json_inner(&mut out, image.mime_type);
                 out.extend_from_slice(b";base64,");
+                out.extend_from_slice(image.base64);
+            }
+            Rendering::Files(prefix) => {
+                out.extend_from_slice(b"{\"url\":\"");
+                push_json_inner(&mut out, prefix);
+                out.extend_from_slice(format!("-{i}").as_bytes());
             }
         }
-        out.extend_from_slice(image.base64);
         out.push(b'"');
         if let Some(text) = image.text {
             out.extend_from_slice(b",\"revised_prompt\":");
@@ -122,7 +153,7 @@ mod tests {
         let a = image(Some("a \"quoted\" cat"));
         let b = image(None);
         let usage = Usage { input_tokens: 3, output_tokens: 5, total_tokens: 8, text_tokens: 2, image_tokens: 1 };
-        let body = images_body(1700000000, &[a.view(), b.view()], ResponseFormat::B64Json, Some(usage));
+        let body = images_body(1700000000, &[a.view(), b.view()], Rendering::B64Json, Some(usage));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["created"], 1700000000);
         assert_eq!(v["data"][0]["b64_json"], "QUJD");
@@ -134,10 +165,15 @@ mod tests {
         assert_eq!(v["usage"]["input_tokens_details"], json!({"text_tokens": 2, "image_tokens": 1}));
         assert_eq!(v["output_format"], "png");
         assert!(v.get("size").is_none(), "QUJD is no image header: no size rather than a wrong one");
-        let body = images_body(1, &[b.view()], ResponseFormat::Url, None);
+        let body = images_body(1, &[b.view()], Rendering::DataUri, None);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["data"][0]["url"], "data:image/png;base64,QUJD");
         assert!(v.get("usage").is_none());
+        let body =
+            images_body(1, &[b.view(), b.view()], Rendering::Files("https://gw.example/v1/images/files/ab"), None);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["data"][1]["url"], "https://gw.example/v1/images/files/ab-1");
+        assert_eq!(v["output_format"], "png", "the fields stay");
     }
 
     #[test]
@@ -150,9 +186,9 @@ mod tests {
         crate::base64::encode_into(&mut b64, &png);
         let first = ImageView { mime_type: "image/png", text: None, base64: &b64 };
         let other = ImageView { mime_type: "image/jpeg", text: None, base64: b"QUJD" };
-        let v: Value = serde_json::from_slice(&images_body(1, &[first, other], ResponseFormat::B64Json, None)).unwrap();
+        let v: Value = serde_json::from_slice(&images_body(1, &[first, other], Rendering::B64Json, None)).unwrap();
         assert_eq!((v["size"].as_str(), v["output_format"].as_str()), (Some("1344x768"), Some("png")));
-        let v: Value = serde_json::from_slice(&images_body(1, &[other], ResponseFormat::B64Json, None)).unwrap();
+        let v: Value = serde_json::from_slice(&images_body(1, &[other], Rendering::B64Json, None)).unwrap();
         assert_eq!(v["output_format"], "jpeg");
         assert_eq!(output_format("image/gif"), None);
     }

@@ -391,8 +391,18 @@ pub fn parse_fields(
     }
 
     let style = named_field::<Style>(obj, "style", false)?;
-    let response_format =
-        named_field::<ResponseFormat>(obj, "response_format", false)?.unwrap_or(ResponseFormat::B64Json);
+    // As OpenAI does for DALL-E models: `url` by default for the configured names, when the
+    // gateway serves image URLs.
+    let asked_model = field(obj, "model").and_then(Value::as_str);
+    let url_by_default = settings
+        .urls
+        .as_ref()
+        .is_some_and(|u| asked_model.is_some_and(|m| u.default_url_models.iter().any(|d| d == m)));
+    let response_format = named_field::<ResponseFormat>(obj, "response_format", false)?.unwrap_or(if url_by_default {
+        ResponseFormat::Url
+    } else {
+        ResponseFormat::B64Json
+    });
     named_field::<OutputFormat>(obj, "output_format", false)?;
     if string_field(obj, "background")? == Some("transparent") {
         return Err(invalid(

@@ -36,6 +36,7 @@ LISTENER_CONFIGS = {
     "nocluster": with_plugin(gemini={"cluster": "no_such_cluster"}),
     "policy": with_plugin(safety={"default": "MEDIUM", "minimum": "LOW"}, limits={"max_n": 10, "max_image_size": "2K", "max_prompt_chars": 100}),
     "locked": with_plugin(safety={"default": "HIGH", "allow_request_override": False}),
+    "inline": with_plugin(urls=None),
 }
 
 

@@ -49,7 +49,7 @@ class App:
 def gateway(workdir, fake):
     app = App()
     e = Envoy(workdir, name="envoy-abuse", fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % app.port,
-              plugin=with_plugin(limits={"max_n": 10}, cache=None), env_extra={"GEMINI_API_KEY": API_KEY})
+              plugin=with_plugin(limits={"max_n": 10}, cache=None, urls=None), env_extra={"GEMINI_API_KEY": API_KEY})
     yield e, app
     e.stop()
     assert "panicked" not in e.log()

@@ -53,7 +53,7 @@ def expose_keys(doc):
 
 @pytest.fixture(scope="module")
 def gateway(workdir, google):
-    no_cache = {"cache": None}
+    no_cache = {"cache": None, "urls": None}
     listeners = [
         ("keys", free_port(), with_plugin(backends=[studio()], retry={"max_attempts": 3, "cooldown_ms": 60000}, **no_cache)),
         ("fast", free_port(), with_plugin(backends=[studio(("GK3", "GK4"))], retry={"max_attempts": 3, "cooldown_ms": 400},
@@ -214,7 +214,7 @@ def test_max_attempts_and_the_deadline_hold(gateway, google):
 
 def test_vertex_with_a_metadata_token_fetched_once_shared_and_refreshed(workdir, google):
     google.clear_metadata_stats()
-    e = Envoy(workdir, name="envoy-wi", fake_gemini=google.address, plugin=with_plugin(backends=[vertex_wi()], cache=None),
+    e = Envoy(workdir, name="envoy-wi", fake_gemini=google.address, plugin=with_plugin(backends=[vertex_wi()], cache=None, urls=None),
               extra_clusters=[("vertex", "127.0.0.1", google.port), ("gce_metadata", "127.0.0.1", google.port)],
               env_extra={"GEMINI_API_KEY": "unused"}, concurrency=2)
     try:

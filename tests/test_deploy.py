@@ -5,8 +5,10 @@ docs/configuration.md ("The shipped kits") says; every kit sends the three Image
 (generations, edits, variations) to the filter, with buffer limits above the largest body the
 filter accepts (contract sections 9 and 14); no route of any kit reaches the clusters the
 filter calls, or the Vertex AI and metadata clusters that the kits running in Google Cloud
-carry for a Vertex backend with workload identity (contract sections 11 and 14); and the
-compose and Kubernetes files name files, ports and clusters that exist."""
+carry for a Vertex backend with workload identity (contract sections 11 and 14); every kit
+sends the image URLs (/v1/images/files/, contract section 10) to the filter too, behind the
+same OpenAI-shaped 404 in every Envoy config; and the compose and Kubernetes files name files,
+ports and clusters that exist."""
 import copy
 import glob
 import json
@@ -23,6 +25,9 @@ ENVOY_DIR = os.path.join(ROOT, "envoy")
 ENVOY_CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ENVOY_DIR, "*.yaml"))
                        if not p.endswith("docker-compose.yaml"))
 FILTERS = ["envoy.filters.http.wasm", "envoy.filters.http.buffer", "envoy.filters.http.router"]
+# Filters a kit puts before the wasm filter, and nothing else: envoy/profiles.yaml's
+# authentication, which names the policy profile (contract section 15, docs/policy.md).
+FILTERS_BEFORE = {"profiles.yaml": ["envoy.filters.http.jwt_authn"]}
 # Contract section 14: the one route allowed to pick a cluster from a header, for the requests
 # the filter sends upstream itself; the filter refuses a client request that carries it.
 UPSTREAM_HEADER = "x-gemini-image-filter-upstream"
@@ -32,6 +37,13 @@ IMAGE_PATHS = ["/v1/images/generations", "/v1/images/edits", "/v1/images/variati
 NOT_IMAGE_PATHS = ["/v1/images/generations/extra", "/v1/images/edit", "/v1/images/editsx",
                    "/v1/images/variations/x", "/v1/images", "/v1/images/", "/V1/images/edits",
                    "/x/v1/images/generations"]
+# Contract section 10: the image URLs the filter serves itself (GET and HEAD; 405 for other
+# methods). Every kit has a route for them, before any catch-all, with the filter (and the
+# buffer, as on the image route) on; what reaches the router there is a 404 IMG_IMAGE_NOT_FOUND.
+FILES_PREFIX = "/v1/images/files/"
+FILE_PATHS = [FILES_PREFIX + "0123456789abcdef0123456789abcdef-0", FILES_PREFIX + "x", FILES_PREFIX]
+# Contract section 5: every error body carries these keys, and no others, under "error".
+ERROR_KEYS = {"message", "type", "param", "code", "category", "resolution"}
 # How far Envoy's body limits sit above the largest body the filter accepts: more than the
 # bursts a chunked body reaches the filter in (up to a TCP receive buffer, 6 MiB by default on
 # Linux), or Envoy's plain-text 413 beats the filter's (docs/configuration.md, "Envoy side").
@@ -56,12 +68,17 @@ METADATA_HOST = "metadata.google.internal"
 METADATA_IP = "169.254.169.254"
 GCP_CLUSTERS = {"vertex": "vertex", "gce_metadata": "gce_metadata"}
 ISTIO_GCP_CLUSTERS = {"vertex": "outbound|443||%s" % VERTEX_HOST, "gce_metadata": "outbound|80||%s" % METADATA_HOST}
+# envoy/profiles.yaml, the worked example of docs/policy.md, adds the policy sections of
+# contract section 15 (its own profiles, where the profile comes from, prices): declared by
+# name, as they are the example's to choose; on_configure checks them when the kit validates.
+POLICY_SECTIONS = ("profiles", "profile_from", "pricing")
 KIT_DIFFERENCES = {
     "envoy.yaml": [],
     "compose-envoy.yaml": [],
     "sidecar.yaml": [PRODUCTION],
     "istio": [PRODUCTION, ISTIO_NAMES],
     "envoy-gateway": [PRODUCTION],
+    "profiles.yaml": [POLICY_SECTIONS],
 }
 
 
@@ -119,15 +136,32 @@ def largest_body(plugin):
     return max(limits["max_body_bytes"], limits["max_upload_bytes"])
 
 
-def image_route(listener):
-    return hcm(listener)["route_config"]["virtual_hosts"][0]["routes"][0]
+def image_route(listener, vhost=0):
+    return hcm(listener)["route_config"]["virtual_hosts"][vhost]["routes"][0]
 
 
-def route_for(listener, path):
+def files_route(listener, vhost=0):
+    """The image URLs' route of a virtual host: the one route matching the files prefix."""
+    (r,) = [r for r in hcm(listener)["route_config"]["virtual_hosts"][vhost]["routes"]
+            if r["match"] == {"prefix": FILES_PREFIX}]
+    return r
+
+
+def check_error_body(body, code, where):
+    """`body` is an error in the contract's OpenAI shape (all six keys), with this code."""
+    error = json.loads(body)
+    assert set(error) == {"error"}, where
+    assert set(error["error"]) == ERROR_KEYS, (where, sorted(error["error"]))
+    assert error["error"]["code"] == code, where
+    assert error["error"]["message"] and error["error"]["resolution"], where
+    return error["error"]
+
+
+def route_for(listener, path, vhost=0):
     """The route Envoy picks for a client request to `path` (no special headers): the first of
-    the first virtual host whose path match takes it. Routes that need a header are skipped (the
-    contract's upstream route needs the one the filter alone sends)."""
-    for r in hcm(listener)["route_config"]["virtual_hosts"][0]["routes"]:
+    the virtual host (the first by default) whose path match takes it. Routes that need a header
+    are skipped (the contract's upstream route needs the one the filter alone sends)."""
+    for r in hcm(listener)["route_config"]["virtual_hosts"][vhost]["routes"]:
         m = r["match"]
         if m.get("headers"):
             continue
@@ -184,6 +218,9 @@ def test_every_kit_carries_the_one_plugin_configuration():
     for kit, cfg in kits.items():
         expected = CANONICAL
         for patch in KIT_DIFFERENCES[kit]:
+            if isinstance(patch, tuple):  # sections the kit adds, declared by name
+                assert set(patch) <= set(cfg), "%s lacks %s" % (kit, sorted(set(patch) - set(cfg)))
+                patch = {key: cfg[key] for key in patch}
             expected = with_plugin(expected, **patch)
         assert cfg == expected, "%s drifted from envoy/envoy.yaml:\n%s\nexpected\n%s" % (
             kit, json.dumps(cfg, sort_keys=True), json.dumps(expected, sort_keys=True))
@@ -199,24 +236,48 @@ def test_the_configuration_reference_shows_the_shipped_configuration():
 def test_every_envoy_config_has_the_same_filter_chain(name):
     ref_doc, doc = envoy_config("envoy.yaml"), envoy_config(name)
     ref, listener = ref_doc["static_resources"]["listeners"][0], doc["static_resources"]["listeners"][0]
-    assert [f["name"] for f in hcm(listener)["http_filters"]] == FILTERS
+    before = FILTERS_BEFORE.get(name, [])
+    assert [f["name"] for f in hcm(listener)["http_filters"]] == before + FILTERS
     # The wasm filter: the same in everything but where the module lies.
     wasm, ref_wasm = copy.deepcopy(wasm_filter(listener)), copy.deepcopy(wasm_filter(ref))
     for w in (wasm, ref_wasm):
         w["vm_config"].pop("code")
         w.pop("configuration")
     assert wasm == ref_wasm
-    assert hcm(listener)["http_filters"][1:] == hcm(ref)["http_filters"][1:], "buffer and router"
+    assert hcm(listener)["http_filters"][len(before) + 1:] == hcm(ref)["http_filters"][1:], "buffer and router"
     for key in ("stream_idle_timeout", "request_timeout", "normalize_path", "merge_slashes"):
         assert hcm(listener).get(key) == hcm(ref)[key], key
     assert listener.get("per_connection_buffer_limit_bytes") == ref["per_connection_buffer_limit_bytes"]
     # The image route: the same match and the same 405 for what reaches the router there.
     image = image_route(listener)
     assert image == image_route(ref)
+    # Every virtual host's image route is that one, save route metadata naming a configured
+    # policy profile (contract section 15; envoy/profiles.yaml gives one host a profile).
+    profiles = render_envoy.plugin_config(listener).get("profiles", {})
+    for i, vh in enumerate(hcm(listener)["route_config"]["virtual_hosts"]):
+        other = copy.deepcopy(image_route(listener, i))
+        metadata = other.pop("metadata", None)
+        assert other == image, (name, vh["name"])
+        if metadata is not None:
+            profile = metadata["filter_metadata"]["gemini_image"]["profile"]
+            assert metadata == {"filter_metadata": {"gemini_image": {"profile": profile}}}, (name, vh["name"])
+            assert profile in set(profiles) | {"default"}, (name, vh["name"], profile)
     assert image["direct_response"]["status"] == 405
     assert json.loads(image["direct_response"]["body"]["inline_string"])["error"]["code"] == "IMG_INVALID_REQUEST"
     headers = {h["header"]["key"]: h["header"]["value"] for h in image.get("response_headers_to_add", [])}
     assert headers == {"allow": "POST", "content-type": "application/json"}, "as the filter's own 405"
+    # The image URLs' route: the same as envoy/envoy.yaml's in every virtual host, save the
+    # profile its host's image route names (a URL of a private-cache profile is found only in
+    # that profile).
+    files = files_route(ref)
+    for i, vh in enumerate(hcm(listener)["route_config"]["virtual_hosts"]):
+        other = copy.deepcopy(files_route(listener, i))
+        assert other.pop("metadata", None) == image_route(listener, i).get("metadata"), (name, vh["name"])
+        assert other == files, (name, vh["name"])
+    assert files["direct_response"]["status"] == 404
+    check_error_body(files["direct_response"]["body"]["inline_string"], "IMG_IMAGE_NOT_FOUND", name)
+    headers = {h["header"]["key"]: h["header"]["value"] for h in files.get("response_headers_to_add", [])}
+    assert headers == {"content-type": "application/json"}, "JSON, as the filter's own 404"
     assert doc["stats_config"] == ref_doc["stats_config"]
 
 
@@ -311,19 +372,68 @@ def test_every_kit_has_the_one_failure_policy():
 @pytest.mark.parametrize("name", ENVOY_CONFIGS)
 def test_every_envoy_config_sends_the_image_paths_to_the_filter(name):
     listener = envoy_config(name)["static_resources"]["listeners"][0]
-    image = image_route(listener)
-    for path in IMAGE_PATHS:
-        for spelling in (path, path + "/"):
-            assert route_for(listener, spelling) is image, (name, spelling)
-    # The filter and the buffer are on for it (they are only switched off on other routes).
-    assert "typed_per_filter_config" not in image
-    for path in NOT_IMAGE_PATHS:
-        assert route_for(listener, path) is not image, (name, path)
+    for vhost in range(len(hcm(listener)["route_config"]["virtual_hosts"])):
+        image = image_route(listener, vhost)
+        for path in IMAGE_PATHS:
+            for spelling in (path, path + "/"):
+                assert route_for(listener, spelling, vhost) is image, (name, vhost, spelling)
+        # The filter and the buffer are on for it (they are only switched off on other routes).
+        assert "typed_per_filter_config" not in image
+        for path in NOT_IMAGE_PATHS:
+            assert route_for(listener, path, vhost) is not image, (name, vhost, path)
+
+
+@pytest.mark.parametrize("name", ENVOY_CONFIGS)
+def test_every_envoy_config_sends_the_image_urls_to_the_filter(name):
+    """Contract section 10: in every virtual host, a GET of an image URL meets the files route,
+    before any catch-all (the app's route, or compose's 404), with the wasm filter and the
+    buffer on; the image route and the files route take none of each other's paths."""
+    listener = envoy_config(name)["static_resources"]["listeners"][0]
+    for vhost, vh in enumerate(hcm(listener)["route_config"]["virtual_hosts"]):
+        routes = vh["routes"]
+        files = files_route(listener, vhost)
+        for path in FILE_PATHS:
+            assert route_for(listener, path, vhost) is files, (name, vhost, path)
+            assert route_for(listener, path + "?x=1", vhost) is files, (name, vhost, path)
+        for path in IMAGE_PATHS + NOT_IMAGE_PATHS + ["/", "/v1/images/file/x", "/x" + FILES_PREFIX]:
+            assert route_for(listener, path, vhost) is not files, (name, vhost, path)
+        catch_alls = [i for i, r in enumerate(routes) if r["match"] in ({"prefix": "/"}, {"path_separated_prefix": "/"})]
+        assert catch_alls, (name, vh["name"], "every shipped virtual host ends in a catch-all")
+        assert routes.index(files) < min(catch_alls), (name, vh["name"])
+        # The filter answers here: neither it nor the buffer is switched off on the route.
+        assert "typed_per_filter_config" not in files, (name, vh["name"])
+        assert "route" not in files and files["direct_response"]["status"] == 404, (name, vh["name"])
+
+
+def test_every_direct_response_of_the_images_api_is_an_openai_error():
+    """What reaches the router on the image and files routes, in every kit, is an error in the
+    contract's shape: JSON with all six keys (contract section 5)."""
+    expected = {"IMG_INVALID_REQUEST": ("invalid_request_error", "USER_ERROR"),
+                "IMG_IMAGE_NOT_FOUND": ("invalid_request_error", "USER_ERROR")}
+    bodies = []
+    for name in ENVOY_CONFIGS:
+        listener = envoy_config(name)["static_resources"]["listeners"][0]
+        for vhost, vh in enumerate(hcm(listener)["route_config"]["virtual_hosts"]):
+            for route, code in ((image_route(listener, vhost), "IMG_INVALID_REQUEST"),
+                                (files_route(listener, vhost), "IMG_IMAGE_NOT_FOUND")):
+                bodies.append((route["direct_response"]["body"]["inline_string"], code, (name, vh["name"])))
+    eg = resources_by_kind("envoy-gateway")
+    for f in eg["HTTPRouteFilter"]:
+        direct = f["spec"]["directResponse"]
+        assert direct["contentType"] == "application/json", f["metadata"]["name"]
+        code = {405: "IMG_INVALID_REQUEST", 404: "IMG_IMAGE_NOT_FOUND"}[direct["statusCode"]]
+        bodies.append((direct["body"]["inline"], code, ("envoy-gateway", f["metadata"]["name"])))
+    assert len(bodies) >= 2 * len(ENVOY_CONFIGS) + 2
+    for body, code, where in bodies:
+        error = check_error_body(body, code, where)
+        assert (error["type"], error["category"]) == expected[code], where
+        assert error["param"] is None, where
 
 
 def test_istio_sends_the_image_paths_to_the_filter():
     """Istio has no route of its own here: the filter is on every inbound request of the image
-    workload, whatever its path, and picks out the Images API itself."""
+    workload, whatever its path, and picks out the Images API, and the image URLs under
+    /v1/images/files/, itself."""
     istio = resources_by_kind("istio")
     plugin = istio["WasmPlugin"][0]["spec"]
     assert plugin["match"] == [{"mode": "SERVER"}], "no port or path restriction"
@@ -333,7 +443,7 @@ def test_istio_sends_the_image_paths_to_the_filter():
 def test_envoy_gateway_sends_the_image_paths_to_the_filter():
     eg = resources_by_kind("envoy-gateway")
     route = named(eg["HTTPRoute"], eg["EnvoyExtensionPolicy"][0]["spec"]["targetRefs"][0]["name"])
-    post, other = route["spec"]["rules"]
+    post, other, files = route["spec"]["rules"]
     # POST to the three paths: the filter, in front of the app's backend, with no timeout.
     assert post["matches"] == [{"path": {"type": "Exact", "value": p}, "method": "POST"} for p in IMAGE_PATHS]
     assert post["timeouts"] == {"request": "0s"}
@@ -350,6 +460,22 @@ def test_envoy_gateway_sends_the_image_paths_to_the_filter():
     assert direct["spec"]["directResponse"] == {
         "statusCode": envoy_405["status"], "contentType": "application/json",
         "body": {"type": "Inline", "inline": envoy_405["body"]["inline_string"]}}
+    # The image URLs: every method, a rule of the same route, so the filter is on for them; it
+    # answers GET and HEAD from its cache tiers and 405 to the rest, and without it the Envoy
+    # configs' 404. No backend: nothing here goes past the filter.
+    assert files["matches"] == [{"path": {"type": "PathPrefix", "value": FILES_PREFIX}}]
+    assert "backendRefs" not in files
+    (ref,) = [f["extensionRef"] for f in files["filters"]]
+    assert (ref["group"], ref["kind"]) == ("gateway.envoyproxy.io", "HTTPRouteFilter")
+    direct = named(eg["HTTPRouteFilter"], ref["name"])
+    assert direct["metadata"]["namespace"] == route["metadata"]["namespace"]
+    envoy_404 = files_route(envoy_config("envoy.yaml")["static_resources"]["listeners"][0])["direct_response"]
+    assert direct["spec"]["directResponse"] == {
+        "statusCode": envoy_404["status"], "contentType": "application/json",
+        "body": {"type": "Inline", "inline": envoy_404["body"]["inline_string"]}}
+    # The filter is on every rule of the route (a policy on the whole route, no sectionName).
+    assert eg["EnvoyExtensionPolicy"][0]["spec"]["targetRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": route["metadata"]["name"]}]
     # The request buffer is on the images route.
     assert eg["BackendTrafficPolicy"][0]["spec"]["targetRefs"] == [
         {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": route["metadata"]["name"]}]
@@ -526,6 +652,7 @@ def test_the_route_check_finds_an_open_door():
     """The check above fails on the doors it is there for."""
     doc = envoy_config("envoy.yaml")
     for door in ({"match": {"prefix": "/v1beta/"}, "route": {"cluster": "gemini"}},
+                 {"match": {"prefix": FILES_PREFIX}, "route": {"cluster": "image_cache"}},
                  {"match": {"prefix": "/c/"}, "route": {"weighted_clusters": {"clusters": [{"name": "image_cache", "weight": 1}]}}},
                  {"match": {"prefix": "/x/"}, "route": {"cluster_header": "x-cluster"}}):
         bad = copy.deepcopy(doc)
@@ -577,6 +704,11 @@ def test_the_route_check_finds_an_open_door():
     assert len(envoy_gateway_doors(eg)) >= 3
     eg = resources_by_kind("envoy-gateway")
     eg["HTTPRoute"].append({"metadata": {"name": "cache"}, "spec": {"rules": [{"backendRefs": [{"name": "image-cache", "port": 8090}]}]}})
+    assert envoy_gateway_doors(eg)
+    # The image URLs served by the cache service straight: a door.
+    eg = resources_by_kind("envoy-gateway")
+    files = named(eg["HTTPRoute"], "images")["spec"]["rules"][2]
+    files["backendRefs"] = [{"name": "image-cache", "port": 8090}]
     assert envoy_gateway_doors(eg)
     # The Vertex AI and metadata clusters: added by the patch, and reached by no route.
     for name in GCP_CLUSTERS.values():
@@ -722,9 +854,12 @@ def test_sidecar_keeps_the_filter_and_the_buffer_off_the_apps_routes():
     doc = envoy_config("sidecar.yaml")
     h = hcm(doc["static_resources"]["listeners"][0])
     assert [f["name"] for f in h["http_filters"]] == FILTERS
-    image, rest = h["route_config"]["virtual_hosts"][0]["routes"]
+    image, files, rest = h["route_config"]["virtual_hosts"][0]["routes"]
     assert image["match"] == {"safe_regex": {"regex": "/v1/images/(generations|edits|variations)/?"}}
     assert "typed_per_filter_config" not in image
+    # The image URLs: the filter answers them, so it stays on there (and the buffer with it).
+    assert files["match"] == {"prefix": FILES_PREFIX}
+    assert "typed_per_filter_config" not in files
     assert rest["typed_per_filter_config"]["envoy.filters.http.wasm"]["disabled"] is True
     assert rest["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True
     wasm = h["http_filters"][0]["typed_config"]["config"]

@@ -78,8 +78,8 @@ def sent_images(fake, prompt):
 def edits_envoy(workdir, fake):
     """An Envoy whose listeners differ in their edit settings: small upload limits, masks refused."""
     listeners = [
-        ("small", free_port(), with_plugin(cache=None, limits={"max_upload_bytes": 200000, "max_input_image_bytes": 50000})),
-        ("nomask", free_port(), with_plugin(cache=None, edits={"mask": "refuse"})),
+        ("small", free_port(), with_plugin(cache=None, urls=None, limits={"max_upload_bytes": 200000, "max_input_image_bytes": 50000})),
+        ("nomask", free_port(), with_plugin(cache=None, urls=None, edits={"mask": "refuse"})),
     ]
     e = Envoy(workdir, name="envoy-edits", fake_gemini="127.0.0.1:%d" % fake.port, plugin=with_plugin(cache={"l2": None}),
               extra_listeners=listeners, env_extra={"GEMINI_API_KEY": API_KEY})

@@ -72,7 +72,7 @@ def test_the_gemini_request_carries_everything_and_no_client_credentials(client,
     ({"size": "512x512", "quality": "auto"}, "1:1", None, (1024, 1024)),
     ({"model": "gemini-3-pro-image-16x9", "size": "auto", "image_size": "2k"}, "16:9", "2K", (2752, 1536)),
     ({"model": "gemini-3-pro-image-16x9", "aspect_ratio": "4:5", "size": "1792x1024"}, "4:5", None, (928, 1152)),
-    ({"model": "dall-e-3", "quality": "hd", "size": "1024x1024"}, "1:1", "4K", (4096, 4096)),
+    ({"model": "dall-e-3", "quality": "hd", "size": "1024x1024", "response_format": "b64_json"}, "1:1", "4K", (4096, 4096)),
     ({"model": "gpt-image-1", "size": "3:4"}, "3:4", None, (896, 1200)),
 ])
 def test_model_variants_sizes_and_quality_map_to_image_config(client, fake, fields, ratio, size, dims):
@@ -89,11 +89,18 @@ def test_model_variants_sizes_and_quality_map_to_image_config(client, fake, fiel
 
 def test_url_format_style_and_revised_prompt(client, fake):
     prompt = unique("a quiet harbour [fake:withtext]")
-    status, _, body = client.post({"prompt": prompt, "response_format": "url", "style": "natural"})
+    # Without image URLs configured, a url is a data: URI ...
+    status, _, body = client.post({"prompt": prompt, "response_format": "url", "style": "natural"}, listener="inline")
     assert status == 200, body
     item = json.loads(body)["data"][0]
     assert item["url"].startswith("data:image/png;base64,iVBOR")
     assert item["revised_prompt"] == "Here is your image."
+    # ... and with them (the shipped config), an image URL the filter serves.
+    status, _, body = client.post({"prompt": prompt, "response_format": "url", "style": "natural"})
+    item = json.loads(body)["data"][0]
+    assert item["url"].startswith(client.envoy.url() + "/v1/images/files/")
+    assert item["revised_prompt"] == "Here is your image."
+    assert http("GET", item["url"])[2][:8] == b"\x89PNG\r\n\x1a\n"
     (call,) = fake.requests(prompt)
     text = call["body"]["contents"][0]["parts"][0]["text"]
     assert text.startswith(prompt) and text.endswith("natural lighting, realistic, photorealistic")

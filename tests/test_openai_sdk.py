@@ -5,6 +5,7 @@ import openai
 import pytest
 
 from conftest import unique
+from harness import http
 
 
 @pytest.fixture
@@ -20,9 +21,11 @@ def test_images_generate(sdk):
     assert r.usage.total_tokens > 0
 
 
-def test_images_generate_with_an_alias_and_url(sdk):
+def test_images_generate_with_an_alias_and_url(sdk, envoy):
     r = sdk.images.generate(model="dall-e-3", prompt=unique("a tin robot"), response_format="url")
-    assert r.data[0].url.startswith("data:image/png;base64,")
+    assert r.data[0].url.startswith(envoy.url() + "/v1/images/files/")
+    status, headers, image = http("GET", r.data[0].url)
+    assert (status, headers["content-type"], image[:8]) == (200, "image/png", b"\x89PNG\r\n\x1a\n")
 
 
 def test_400_raises_bad_request_with_our_code(sdk):

@@ -51,7 +51,7 @@ def envoy_env_high(workdir, fake):
     """An Envoy whose VM environment sets GEMINI_IMAGE_SAFETY_THRESHOLD=high; its main listener's
     config says LOW, so the environment must win."""
     e = Envoy(workdir, name="envoy-env", fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
-              plugin=with_plugin(safety={"default": "LOW"}, cache=None),
+              plugin=with_plugin(safety={"default": "LOW"}, cache=None, urls=None),
               env_extra={"GEMINI_API_KEY": API_KEY, "GEMINI_IMAGE_SAFETY_THRESHOLD": "high"})
     yield e
     e.stop()
@@ -166,7 +166,7 @@ def test_header_and_log_carry_the_same_prompt_hash(client, envoy):
 @pytest.fixture(scope="module")
 def envoy_metrics(workdir, fake):
     e = Envoy(workdir, name="envoy-metrics", fake_gemini="127.0.0.1:%d" % fake.port, app="127.0.0.1:%d" % fake.port,
-              plugin=with_plugin(cache=None), env_extra={"GEMINI_API_KEY": API_KEY})
+              plugin=with_plugin(cache=None, urls=None), env_extra={"GEMINI_API_KEY": API_KEY})
     yield e
     e.stop()
 

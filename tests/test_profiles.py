@@ -314,8 +314,8 @@ def test_jwt_authn_and_route_metadata_are_wired_as_the_platform_would(workdir, f
     """Sanity check of the test's own Envoy wiring, with the shipped plugin configuration (no
     profiles): a verified token's claim lands where `profile_from` looks, route metadata is on
     the routes, no token passes, and a token that does not verify never reaches the filter."""
-    e = start_envoy(workdir, fake, "envoy-profiles-wiring", with_plugin(cache=None),
-                    listeners=[("routed", with_plugin(cache=None))],
+    e = start_envoy(workdir, fake, "envoy-profiles-wiring", with_plugin(cache=None, urls=None),
+                    listeners=[("routed", with_plugin(cache=None, urls=None))],
                     route_profiles={"routed": "team-route"}, probe=True)
     try:
         assert seen(e) == (200, None, None)

@@ -59,7 +59,7 @@ def fleet(workdir, fake, cache_service):
     cache = {"ttl_seconds": TTL}
     listeners = [
         ("tinyl1", free_port(), with_plugin(cache={"l1": {"max_entry_bytes": 1000}, "l2": None})),
-        ("overload", free_port(), with_plugin(cache=None, limits={"max_n": 10, "max_inflight_requests": 8,
+        ("overload", free_port(), with_plugin(cache=None, urls=None, limits={"max_n": 10, "max_inflight_requests": 8,
                                                                    "max_inflight_bytes": 64 * MIB})),
     ]
     common = dict(fake_gemini="127.0.0.1:%d" % fake.port, image_cache="127.0.0.1:%d" % cache_service.port,

@@ -27,6 +27,20 @@ pub fn request_header(name: &str) -> Option<String> {
     header(MapType::HttpRequestHeaders, name)
 }
 
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    /// WASI's CSPRNG; in Envoy, BoringSSL's `RAND_bytes`.
+    #[link_name = "random_get"]
+    fn wasi_random_get(buf: i32, len: i32) -> i32;
+}
+
+/// Fills `buf` with random bytes; false when the host refused.
+pub fn random(buf: &mut [u8]) -> bool {
+    let Ok(len) = i32::try_from(buf.len()) else { return false };
+    // SAFETY: the host writes exactly `len` bytes at `buf`, which we own mutably.
+    unsafe { wasi_random_get(buf.as_mut_ptr() as i32, len) == 0 }
+}
+
 /// A stream property by path; absent, unreadable or refused: `None`.
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     hostcalls::get_property(path.to_vec()).ok().flatten()

@@ -37,6 +37,9 @@ impl Host for ProxyHost {
     fn request_header(&self, name: &str) -> Option<String> {
         calls::request_header(name)
     }
+    fn random(&mut self, buf: &mut [u8]) -> bool {
+        calls::random(buf)
+    }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         calls::property(path)
     }
