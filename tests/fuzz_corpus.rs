@@ -45,3 +45,8 @@ fn config_corpus() {
 fn multipart_corpus() {
     replay("multipart", check_multipart);
 }
+
+#[test]
+fn files_corpus() {
+    replay("files", check_files);
+}
