@@ -1133,6 +1133,19 @@ impl Gateway {
     }
 }
 
+/// Gemini answers the first call with an image and every later one with a 503.
+fn first_call_only_succeeds() -> Box<dyn FnMut() -> CallResponse> {
+    let mut i = 0;
+    Box::new(move || {
+        i += 1;
+        if i == 1 {
+            ok_response(PNG)
+        } else {
+            error_response(503, "UNAVAILABLE")
+        }
+    })
+}
+
 fn reply_header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
     r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
@@ -1280,17 +1293,7 @@ fn answers_say_what_they_cost_and_hits_what_they_saved() {
     let r = gw.request_as(&[], json!({"prompt": ""}));
     assert_eq!((r.status, reply_header(&r, "x-image-cost-usd")), (400, Some("0")));
     // A partial answer costs what came back.
-    gw.gemini = Box::new({
-        let mut i = 0;
-        move || {
-            i += 1;
-            if i == 1 {
-                ok_response(PNG)
-            } else {
-                error_response(503, "UNAVAILABLE")
-            }
-        }
-    });
+    gw.gemini = first_call_only_succeeds();
     let r = gw.request_as(&[], json!({"prompt": "partial", "n": 2}));
     assert_eq!((reply_header(&r, "x-images-failed"), reply_header(&r, "x-image-cost-usd")), (Some("1"), Some("0.5")));
 }
@@ -1435,17 +1438,7 @@ fn a_url_lives_its_ttl_on_any_worker_and_from_l2() {
 fn answers_not_in_the_cache_keep_their_images_for_their_urls() {
     let mut gw = Gateway::new(URLS);
     // A partial answer is never cached, yet its URLs work.
-    gw.gemini = Box::new({
-        let mut i = 0;
-        move || {
-            i += 1;
-            if i == 1 {
-                ok_response(PNG)
-            } else {
-                error_response(503, "UNAVAILABLE")
-            }
-        }
-    });
+    gw.gemini = first_call_only_succeeds();
     let r = gw.request(json!({"prompt": "half", "n": 2, "response_format": "url"}), None);
     assert_eq!(reply_header(&r, "x-images-failed"), Some("1"));
     assert_eq!(gw.fetch("GET", &url_path(&json_of(&r), 0), &[]).status, 200);
