@@ -19,6 +19,15 @@
 //! | `[fake:reset]` | close the connection without answering |
 //! | `[fake:slowbody=MS]` | send the headers, then the body MS milliseconds later |
 //! | `[fake:fail-first=K]` | the first K calls with this exact prompt answer 500 INTERNAL |
+//!
+//! Only `streamGenerateContent` reads these (see `stream.rs`):
+//!
+//! | marker | effect |
+//! |---|---|
+//! | `[fake:interim=K]` | K interim thought images (0 to 2; default 2) when thoughts are included |
+//! | `[fake:chunkdelay=MS]` | wait MS milliseconds before each event after the first |
+//! | `[fake:breakafter=K]` | send K events, then close the connection without the terminating chunk |
+//! | `[fake:errorafter=K]` | after K events, an event with a Google error object, then end the stream |
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Markers {
@@ -40,6 +49,11 @@ pub struct Markers {
     pub reset: bool,
     pub slow_body_ms: u64,
     pub fail_first: u64,
+    /// Interim thought images in a stream (`None`: the default, 2).
+    pub interim: Option<usize>,
+    pub chunk_delay_ms: u64,
+    pub break_after: Option<usize>,
+    pub error_after: Option<usize>,
 }
 
 pub fn parse_markers(prompt: &str) -> Markers {
@@ -70,6 +84,10 @@ pub fn parse_markers(prompt: &str) -> Markers {
             "reset" => m.reset = true,
             "slowbody" => m.slow_body_ms = value.parse().unwrap_or(0),
             "fail-first" => m.fail_first = value.parse().unwrap_or(0),
+            "interim" => m.interim = value.parse().ok(),
+            "chunkdelay" => m.chunk_delay_ms = value.parse().unwrap_or(0),
+            "breakafter" => m.break_after = value.parse().ok(),
+            "errorafter" => m.error_after = value.parse().ok(),
             _ => {}
         }
     }
@@ -158,6 +176,9 @@ mod tests {
         assert!(m.with_text);
         assert_eq!(parse_markers("plain prompt"), Markers::default());
         assert_eq!(parse_markers("[fake:unclosed").delay_ms, 0);
+        let m = parse_markers("[fake:interim=1][fake:chunkdelay=40] [fake:breakafter=2][fake:errorafter=0]");
+        assert_eq!((m.interim, m.chunk_delay_ms, m.break_after, m.error_after), (Some(1), 40, Some(2), Some(0)));
+        assert_eq!(parse_markers("[fake:interim=x]").interim, None);
     }
 
     #[test]

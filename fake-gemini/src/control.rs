@@ -34,11 +34,46 @@ impl Backend {
     }
 }
 
-/// The backend and model of a `generateContent` path (query removed), if it is one.
-pub fn route(path: &str) -> Option<(Backend, &str)> {
-    let rest = path.strip_suffix(":generateContent")?;
+/// Which of Gemini's methods a call is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiMethod {
+    /// `...:generateContent`: one JSON answer.
+    Generate,
+    /// `...:streamGenerateContent?alt=sse`: server-sent events (see `stream.rs`).
+    Stream,
+}
+
+impl ApiMethod {
+    /// The name in the path, in stats and in recorded requests.
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiMethod::Generate => "generateContent",
+            ApiMethod::Stream => "streamGenerateContent",
+        }
+    }
+
+    /// The RPC's name, as Google's ErrorInfo metadata spells it.
+    pub fn rpc(self) -> &'static str {
+        match self {
+            ApiMethod::Generate => "GenerateContent",
+            ApiMethod::Stream => "StreamGenerateContent",
+        }
+    }
+
+    fn parse(name: &str) -> Option<ApiMethod> {
+        [ApiMethod::Generate, ApiMethod::Stream].into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// The backend, model and method of a `generateContent` or `streamGenerateContent` path (query
+/// removed), if it is one.
+pub fn route(path: &str) -> Option<(Backend, &str, ApiMethod)> {
+    let (rest, method) = match path.strip_suffix(":generateContent") {
+        Some(rest) => (rest, ApiMethod::Generate),
+        None => (path.strip_suffix(":streamGenerateContent")?, ApiMethod::Stream),
+    };
     if let Some(model) = rest.strip_prefix("/v1beta/models/") {
-        return (!model.is_empty()).then_some((Backend::Gemini, model));
+        return (!model.is_empty()).then_some((Backend::Gemini, model, method));
     }
     let rest = rest.strip_prefix("/v1/").or_else(|| rest.strip_prefix("/v1beta1/"))?;
     let segments: Vec<&str> = rest.split('/').collect();
@@ -47,7 +82,7 @@ pub fn route(path: &str) -> Option<(Backend, &str)> {
         ["publishers", "google", "models", m] => m,
         _ => return None,
     };
-    (!model.is_empty()).then_some((Backend::Vertex, *model))
+    (!model.is_empty()).then_some((Backend::Vertex, *model, method))
 }
 
 pub fn now_ms() -> u64 {
@@ -116,6 +151,7 @@ pub struct Match {
     pub path_prefix: Option<String>,
     pub backend: Option<Backend>,
     pub prompt_contains: Option<String>,
+    pub api_method: Option<ApiMethod>,
 }
 
 /// A failure steered by the tests: the next `times` calls that match answer `status` (or drop
@@ -139,6 +175,7 @@ pub struct Rule {
 pub struct Facts<'a> {
     pub path: &'a str,
     pub backend: Backend,
+    pub api_method: ApiMethod,
     pub credentials: &'a Credentials,
     /// Index of the call's API key in `--api-key` order.
     pub api_key_index: Option<usize>,
@@ -155,6 +192,7 @@ impl Match {
             && self.path_prefix.as_ref().is_none_or(|p| f.path.starts_with(p.as_str()))
             && self.backend.is_none_or(|b| b == f.backend)
             && self.prompt_contains.as_ref().is_none_or(|t| f.prompt.contains(t.as_str()))
+            && self.api_method.is_none_or(|m| m == f.api_method)
     }
 }
 
@@ -201,7 +239,7 @@ impl Rule {
         let m = take_fields(
             o.get("match").unwrap_or(&json!({})),
             "a rule's match",
-            &["api_key", "api_key_index", "bearer", "auth", "path_prefix", "backend", "prompt_contains"],
+            &["api_key", "api_key_index", "bearer", "auth", "path_prefix", "backend", "prompt_contains", "api_method"],
         )?;
         let auth = opt_string(&m, "auth")?;
         if let Some(a) = &auth {
@@ -215,6 +253,12 @@ impl Rule {
             Some("vertex") => Some(Backend::Vertex),
             Some(_) => return Err("match.backend must be gemini or vertex".into()),
         };
+        let api_method = match opt_string(&m, "api_method")? {
+            None => None,
+            Some(name) => Some(
+                ApiMethod::parse(&name).ok_or("match.api_method must be generateContent or streamGenerateContent")?,
+            ),
+        };
         let when = Match {
             api_key: opt_string(&m, "api_key")?,
             api_key_index: opt_u64(&m, "api_key_index")?.map(|i| i as usize),
@@ -223,6 +267,7 @@ impl Rule {
             path_prefix: opt_string(&m, "path_prefix")?,
             backend,
             prompt_contains: opt_string(&m, "prompt_contains")?,
+            api_method,
         };
         let status = match opt_u64(&o, "status")? {
             None => None,
@@ -274,6 +319,7 @@ impl Rule {
         put("path_prefix", m.path_prefix.clone().map(Value::from));
         put("backend", m.backend.map(|b| Value::from(b.name())));
         put("prompt_contains", m.prompt_contains.clone().map(Value::from));
+        put("api_method", m.api_method.map(|x| Value::from(x.name())));
         json!({
             "match": when,
             "status": self.status,
@@ -326,6 +372,8 @@ pub struct Stats {
     requests: u64,
     statuses: BTreeMap<String, u64>,
     backends: BTreeMap<String, u64>,
+    api_methods: BTreeMap<String, u64>,
+    api_method_statuses: BTreeMap<String, BTreeMap<String, u64>>,
     auth: BTreeMap<String, u64>,
     api_keys: BTreeMap<String, u64>,
     api_key_statuses: BTreeMap<String, BTreeMap<String, u64>>,
@@ -334,10 +382,12 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Counts a `generateContent` call: `status` is the HTTP status, or `reset`.
+    /// Counts a `generateContent` or `streamGenerateContent` call: `status` is the HTTP status
+    /// (a stream's is 200, however it ends), or `reset`.
     pub fn count(
         &mut self,
         backend: Backend,
+        method: ApiMethod,
         kind: &str,
         key_label: Option<&str>,
         bearer_label: Option<&str>,
@@ -346,6 +396,8 @@ impl Stats {
         self.requests += 1;
         *self.statuses.entry(status.into()).or_default() += 1;
         *self.backends.entry(backend.name().into()).or_default() += 1;
+        *self.api_methods.entry(method.name().into()).or_default() += 1;
+        *self.api_method_statuses.entry(method.name().into()).or_default().entry(status.into()).or_default() += 1;
         *self.auth.entry(kind.into()).or_default() += 1;
         if let Some(k) = key_label {
             *self.api_keys.entry(k.into()).or_default() += 1;
@@ -362,6 +414,8 @@ impl Stats {
             "requests": self.requests,
             "statuses": self.statuses,
             "backends": self.backends,
+            "api_methods": self.api_methods,
+            "api_method_statuses": self.api_method_statuses,
             "auth": self.auth,
             "api_keys": self.api_keys,
             "api_key_statuses": self.api_key_statuses,
@@ -601,28 +655,37 @@ mod tests {
 
     #[test]
     fn routes_name_the_backend_and_model() {
+        use ApiMethod::{Generate, Stream};
         assert_eq!(
             route("/v1beta/models/gemini-3-pro-image-preview:generateContent"),
-            Some((Backend::Gemini, "gemini-3-pro-image-preview"))
+            Some((Backend::Gemini, "gemini-3-pro-image-preview", Generate))
         );
         assert_eq!(
             route(
                 "/v1/projects/p-1/locations/global/publishers/google/models/gemini-3-pro-image-preview:generateContent"
             ),
-            Some((Backend::Vertex, "gemini-3-pro-image-preview"))
+            Some((Backend::Vertex, "gemini-3-pro-image-preview", Generate))
         );
         assert_eq!(
             route("/v1beta1/projects/p/locations/us-central1/publishers/google/models/m:generateContent"),
-            Some((Backend::Vertex, "m"))
+            Some((Backend::Vertex, "m", Generate))
         );
-        assert_eq!(route("/v1/publishers/google/models/m:generateContent"), Some((Backend::Vertex, "m")));
+        assert_eq!(route("/v1/publishers/google/models/m:generateContent"), Some((Backend::Vertex, "m", Generate)));
+        assert_eq!(route("/v1beta/models/m:streamGenerateContent"), Some((Backend::Gemini, "m", Stream)));
+        assert_eq!(
+            route("/v1/projects/p/locations/l/publishers/google/models/m:streamGenerateContent"),
+            Some((Backend::Vertex, "m", Stream))
+        );
+        assert_eq!(route("/v1/publishers/google/models/m:streamGenerateContent"), Some((Backend::Vertex, "m", Stream)));
         for bad in [
             "/v1/projects/p/locations/l/publishers/anthropic/models/m:generateContent",
             "/v1/projects//locations/l/publishers/google/models/m:generateContent",
             "/v1/projects/p/locations/l/publishers/google/models/:generateContent",
-            "/v1/projects/p/locations/l/publishers/google/models/m:streamGenerateContent",
+            "/v1/projects/p/locations/l/publishers/google/models/m:streamgeneratecontent",
+            "/v1/projects/p/locations/l/publishers/google/models/m:countTokens",
             "/v1/projects/p/publishers/google/models/m:generateContent",
             "/v1beta/models/:generateContent",
+            "/v1beta/models/:streamGenerateContent",
         ] {
             assert_eq!(route(bad), None, "{bad}");
         }
@@ -651,7 +714,14 @@ mod tests {
         assert_eq!(rules[0].retry_after_s, Some(7.0));
         let k2 = Credentials { api_key: Some("K2".into()), ..Credentials::default() };
         let tok = Credentials { bearer: Some("t".into()), ..Credentials::default() };
-        let facts = |c, backend, path| Facts { path, backend, credentials: c, api_key_index: None, prompt: "" };
+        let facts = |c, backend, path| Facts {
+            path,
+            backend,
+            api_method: ApiMethod::Generate,
+            credentials: c,
+            api_key_index: None,
+            prompt: "",
+        };
         let gemini = "/v1beta/models/m:generateContent";
         let vertex = "/v1/projects/p/locations/l/publishers/google/models/m:generateContent";
         for _ in 0..2 {
@@ -663,6 +733,14 @@ mod tests {
         assert_eq!(rules.iter().map(|r| r.matched).collect::<Vec<_>>(), [2, 1, 1]);
         assert!(!rules[0].active() && rules[1].active());
 
+        // A rule for streams only.
+        let mut rules = parse_rules(br#"[{"match": {"api_method": "streamGenerateContent"}, "status": 503}]"#)
+            .expect("valid rules");
+        assert_eq!(rules[0].to_json()["match"], json!({"api_method": "streamGenerateContent"}));
+        assert_eq!(take_rule(&mut rules, &facts(&k2, Backend::Gemini, gemini)), None);
+        let stream = Facts { api_method: ApiMethod::Stream, ..facts(&k2, Backend::Gemini, gemini) };
+        assert!(take_rule(&mut rules, &stream).is_some());
+
         for (bad, why) in [
             (r#"{"status": 429}"#, "must be a JSON list"),
             (r#"[{"match": {"apikey": "x"}, "status": 429}]"#, "unknown field \"apikey\""),
@@ -670,6 +748,7 @@ mod tests {
             (r#"[{"match": {}}]"#, "needs a status"),
             (r#"[{"status": 429, "retry_after_s": -1}]"#, "non-negative"),
             (r#"[{"status": 429, "match": {"auth": "oauth"}}]"#, "api_key, bearer or none"),
+            (r#"[{"status": 429, "match": {"api_method": "stream"}}]"#, "generateContent or streamGenerateContent"),
         ] {
             let e = parse_rules(bad.as_bytes()).expect_err(bad);
             assert!(e.contains(why), "{bad}: {e}");

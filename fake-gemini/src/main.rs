@@ -9,6 +9,9 @@
 //! OAuth bearer tokens or API keys) and the GCE metadata server that issues those tokens, and
 //! tests steer failures per key, token or path at run time (see `control.rs`).
 //!
+//! `streamGenerateContent?alt=sse` answers the same requests as server-sent events, thought
+//! parts and interim images first when thoughts are asked for (see `stream.rs`).
+//!
 //! Usage: `fake-gemini --listen 127.0.0.1:PORT [--api-key KEY]... [--bearer TOKEN]...
 //! [--token-ttl-s N] [--token-secret S] [--project-id P]`
 
@@ -16,6 +19,7 @@ mod behaviour;
 mod control;
 mod inputs;
 mod png;
+mod stream;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -28,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use behaviour::{dimensions, flash_dimensions, google_status, nearest_ratio, parse_markers};
-use control::{Backend, Credentials, MetadataSettings, MetadataStats, Rule, Stats, TokenCheck, Tokens};
+use control::{ApiMethod, Backend, Credentials, MetadataSettings, MetadataStats, Rule, Stats, TokenCheck, Tokens};
 use inputs::{Family, Inputs};
 
 /// Requests kept for `GET /__fake/requests`: at most this many, and at most
@@ -118,6 +122,8 @@ struct Response {
     delay_ms: u64,
     slow_body_ms: u64,
     reset: bool,
+    /// A `streamGenerateContent` answer: sent as chunked server-sent events instead of `body`.
+    stream: Option<Arc<stream::SseStream>>,
 }
 
 impl Response {
@@ -130,6 +136,7 @@ impl Response {
             delay_ms: 0,
             slow_body_ms: 0,
             reset: false,
+            stream: None,
         }
     }
 
@@ -293,17 +300,27 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> std::io::Result<()> 
             return Ok(());
         }
         let extra: String = resp.headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        let framing = match &resp.stream {
+            Some(_) => "transfer-encoding: chunked".to_string(),
+            None => format!("content-length: {}", resp.body.len()),
+        };
         let head = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}{}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\n{}\r\n{}{}\r\n",
             resp.status,
             reason(resp.status),
             resp.content_type,
-            resp.body.len(),
+            framing,
             extra,
             if req.keep_alive { "" } else { "connection: close\r\n" }
         );
         stream.write_all(head.as_bytes()).await?;
-        if resp.slow_body_ms > 0 {
+        if let Some(events) = &resp.stream {
+            if !stream::send(&mut stream, events).await? {
+                // A broken stream: the connection closes without the terminating chunk.
+                let _ = stream.shutdown().await;
+                return Ok(());
+            }
+        } else if resp.slow_body_ms > 0 {
             let half = resp.body.len() / 2;
             stream.write_all(&resp.body[..half]).await?;
             stream.flush().await?;
@@ -532,10 +549,14 @@ fn value_contains(v: &Value, needle: &str, in_blob: bool) -> bool {
     }
 }
 
-/// What a `generateContent` call was answered, for the record and the stats.
+/// What a `generateContent` or `streamGenerateContent` call was answered, for the record and
+/// the stats.
 struct Outcome<'a> {
     backend: Backend,
+    method: ApiMethod,
     status: String,
+    /// A stream's events and how it ends (`None`: not a stream, or refused before it began).
+    stream: Option<&'a stream::SseStream>,
     api_key_label: Option<&'a str>,
     bearer_label: Option<&'a str>,
 }
@@ -545,9 +566,12 @@ fn record(req: &Request, state: &State, body: &Value, outcome: &Outcome) {
         req.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     let size = req.body.len() + req.path.len() + req.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
     let status = outcome.status.parse::<u16>().map(Value::from).unwrap_or_else(|_| Value::from(outcome.status.clone()));
-    let entry = json!({"method": req.method, "path": req.path, "headers": headers, "body": body,
-                       "backend": outcome.backend.name(), "status": status,
+    let mut entry = json!({"method": req.method, "path": req.path, "headers": headers, "body": body,
+                       "backend": outcome.backend.name(), "api_method": outcome.method.name(), "status": status,
                        "api_key_label": outcome.api_key_label, "bearer_label": outcome.bearer_label});
+    if outcome.method == ApiMethod::Stream {
+        entry["stream"] = outcome.stream.map(stream::SseStream::summary).unwrap_or(Value::Null);
+    }
     lock(&state.recorded).push(size, entry, RECORDED_MAX, RECORDED_BYTES_MAX);
 }
 
@@ -563,10 +587,11 @@ fn prompt_of(body: &Value) -> String {
         .join("\n")
 }
 
-/// A `generateContent` call on either backend: the first matching rule, else the credentials,
-/// the body and the markers decide. Every call is counted and recorded, whatever its answer.
+/// A `generateContent` or `streamGenerateContent` call on either backend: the first matching
+/// rule, else the credentials, the body and the markers decide. Every call is counted and
+/// recorded, whatever its answer.
 fn generate(req: &Request, path: &str, state: &State) -> Response {
-    let Some((backend, model)) = control::route(path) else {
+    let Some((backend, model, method)) = control::route(path) else {
         return google_error(404, &format!("Method not found: {} {}", req.method, path), json!([]));
     };
     let parsed: Result<Value, String> = serde_json::from_slice(&req.body).map_err(|e| e.to_string());
@@ -576,15 +601,22 @@ fn generate(req: &Request, path: &str, state: &State) -> Response {
     let key_label =
         creds.api_key.as_ref().map(|k| key_index.map(|i| i.to_string()).unwrap_or_else(|| control::last4(k)));
     let token = creds.bearer.as_ref().map(|t| lock(&state.tokens).check(t, control::now_us()));
-    let facts = control::Facts { path, backend, credentials: &creds, api_key_index: key_index, prompt: &prompt };
+    let facts = control::Facts {
+        path,
+        backend,
+        api_method: method,
+        credentials: &creds,
+        api_key_index: key_index,
+        prompt: &prompt,
+    };
     let rule = control::take_rule(&mut lock(&state.rules), &facts);
-    let mut resp = match rule.as_ref().and_then(|r| rule_answer(r, backend, path, model)) {
+    let mut resp = match rule.as_ref().and_then(|r| rule_answer(r, backend, method, path, model)) {
         Some(r) => r,
-        None => match auth_error(backend, &creds, key_index, token.as_ref(), state) {
+        None => match auth_error(backend, method, &creds, key_index, token.as_ref(), state) {
             Some(r) => r,
             None => match &parsed {
                 Err(e) => google_error(400, &format!("Invalid JSON payload received. {e}"), json!([])),
-                Ok(body) => answer(req, path, model, body, &prompt, state),
+                Ok(body) => answer(req, model, method, body, &prompt, state),
             },
         },
     };
@@ -593,23 +625,32 @@ fn generate(req: &Request, path: &str, state: &State) -> Response {
     }
     let outcome = Outcome {
         backend,
+        method,
         status: if resp.reset { "reset".into() } else { resp.status.to_string() },
+        stream: resp.stream.as_deref().filter(|_| !resp.reset),
         api_key_label: key_label.as_deref(),
         bearer_label: token.as_ref().map(TokenCheck::label),
     };
-    lock(&state.stats).count(backend, creds.kind(), outcome.api_key_label, outcome.bearer_label, &outcome.status);
+    lock(&state.stats).count(
+        backend,
+        method,
+        creds.kind(),
+        outcome.api_key_label,
+        outcome.bearer_label,
+        &outcome.status,
+    );
     record(req, state, parsed.as_ref().unwrap_or(&Value::Null), &outcome);
     resp
 }
 
-fn error_info(reason: &str, backend: Backend) -> Value {
+fn error_info(reason: &str, backend: Backend, method: ApiMethod) -> Value {
     let (service, method) = match backend {
         Backend::Gemini => (
             "generativelanguage.googleapis.com",
-            "google.ai.generativelanguage.v1beta.GenerativeService.GenerateContent",
+            format!("google.ai.generativelanguage.v1beta.GenerativeService.{}", method.rpc()),
         ),
         Backend::Vertex => {
-            ("aiplatform.googleapis.com", "google.cloud.aiplatform.v1.PredictionService.GenerateContent")
+            ("aiplatform.googleapis.com", format!("google.cloud.aiplatform.v1.PredictionService.{}", method.rpc()))
         }
     };
     json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com",
@@ -620,7 +661,7 @@ const INVALID_CREDENTIALS: &str = "Request had invalid authentication credential
 
 /// Google's 401 for a bearer token it does not take (`reason`: ACCESS_TOKEN_EXPIRED,
 /// ACCESS_TOKEN_TYPE_UNSUPPORTED, CREDENTIALS_MISSING).
-fn unauthenticated(backend: Backend, reason: &str) -> Response {
+fn unauthenticated(backend: Backend, method: ApiMethod, reason: &str) -> Response {
     let message = if reason == "CREDENTIALS_MISSING" {
         "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
     } else {
@@ -631,7 +672,7 @@ fn unauthenticated(backend: Backend, reason: &str) -> Response {
     } else {
         "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\""
     };
-    google_error(401, message, json!([error_info(reason, backend)])).header("www-authenticate", challenge)
+    google_error(401, message, json!([error_info(reason, backend, method)])).header("www-authenticate", challenge)
 }
 
 fn api_key_invalid() -> Response {
@@ -650,6 +691,7 @@ fn api_key_invalid() -> Response {
 /// neither, 401.
 fn auth_error(
     backend: Backend,
+    method: ApiMethod,
     creds: &Credentials,
     key_index: Option<usize>,
     token: Option<&TokenCheck>,
@@ -663,20 +705,24 @@ fn auth_error(
             _ => None,
         },
         Backend::Vertex => match (token, &creds.api_key) {
-            _ if creds.malformed_authorization => Some(unauthenticated(backend, "ACCESS_TOKEN_TYPE_UNSUPPORTED")),
+            _ if creds.malformed_authorization => {
+                Some(unauthenticated(backend, method, "ACCESS_TOKEN_TYPE_UNSUPPORTED"))
+            }
             (Some(TokenCheck::Valid(_)), _) => None,
-            (Some(TokenCheck::Expired(_)), _) => Some(unauthenticated(backend, "ACCESS_TOKEN_EXPIRED")),
-            (Some(TokenCheck::Unknown(_)), _) => Some(unauthenticated(backend, "ACCESS_TOKEN_TYPE_UNSUPPORTED")),
+            (Some(TokenCheck::Expired(_)), _) => Some(unauthenticated(backend, method, "ACCESS_TOKEN_EXPIRED")),
+            (Some(TokenCheck::Unknown(_)), _) => {
+                Some(unauthenticated(backend, method, "ACCESS_TOKEN_TYPE_UNSUPPORTED"))
+            }
             (None, Some(_)) if key_refused => Some(api_key_invalid()),
             (None, Some(_)) => None,
-            (None, None) => Some(unauthenticated(backend, "CREDENTIALS_MISSING")),
+            (None, None) => Some(unauthenticated(backend, method, "CREDENTIALS_MISSING")),
         },
     }
 }
 
 /// What a rule answers: a dropped connection, or Google's error for its status (`None`: the
 /// rule only delays the call, which is then answered as usual).
-fn rule_answer(rule: &Rule, backend: Backend, path: &str, model: &str) -> Option<Response> {
+fn rule_answer(rule: &Rule, backend: Backend, method: ApiMethod, path: &str, model: &str) -> Option<Response> {
     if rule.reset {
         return Some(Response { reset: true, ..Response::json(200, Value::Null) });
     }
@@ -698,14 +744,14 @@ fn rule_answer(rule: &Rule, backend: Backend, path: &str, model: &str) -> Option
             ],
         ),
         (429, Backend::Vertex) => ("Resource exhausted. Please try again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429 for more details.".to_string(), vec![]),
-        (401, _) => (INVALID_CREDENTIALS.to_string(), vec![error_info("ACCESS_TOKEN_EXPIRED", backend)]),
-        (403, Backend::Gemini) => ("Permission denied: Consumer has been suspended.".to_string(), vec![error_info("CONSUMER_SUSPENDED", backend)]),
+        (401, _) => (INVALID_CREDENTIALS.to_string(), vec![error_info("ACCESS_TOKEN_EXPIRED", backend, method)]),
+        (403, Backend::Gemini) => ("Permission denied: Consumer has been suspended.".to_string(), vec![error_info("CONSUMER_SUSPENDED", backend, method)]),
         (403, Backend::Vertex) => {
             let resource = path.trim_start_matches('/').split_once('/').map(|(_, r)| r).unwrap_or(path);
-            let resource = resource.trim_end_matches(":generateContent");
+            let resource = resource.rsplit_once(':').map_or(resource, |(r, _)| r);
             (
                 format!("Permission 'aiplatform.endpoints.predict' denied on resource '//aiplatform.googleapis.com/{resource}' (or it may not exist)."),
-                vec![error_info("IAM_PERMISSION_DENIED", backend)],
+                vec![error_info("IAM_PERMISSION_DENIED", backend, method)],
             )
         }
         (400, _) => ("Request contains an invalid argument.".to_string(), vec![]),
@@ -717,7 +763,7 @@ fn rule_answer(rule: &Rule, backend: Backend, path: &str, model: &str) -> Option
     };
     if let Some(reason) = &rule.reason {
         details.retain(|d| d["@type"] != "type.googleapis.com/google.rpc.ErrorInfo");
-        details.insert(0, error_info(reason, backend));
+        details.insert(0, error_info(reason, backend, method));
     }
     if let Some(r) = &retry {
         details.push(json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": r}));
@@ -735,24 +781,32 @@ fn rule_answer(rule: &Rule, backend: Backend, path: &str, model: &str) -> Option
 
 /// The answer of a call that passed the rules and the credential checks: the body's checks,
 /// then the markers.
-fn answer(req: &Request, path: &str, model: &str, body: &Value, prompt: &str, state: &State) -> Response {
+fn answer(req: &Request, model: &str, method: ApiMethod, body: &Value, prompt: &str, state: &State) -> Response {
     let m = parse_markers(prompt);
     let cacheable = m.fail_first == 0;
-    let key = answer_key(path, &req.body);
+    // The query too: a stream without `?alt=sse` is refused, and must not answer for one with it.
+    let key = answer_key(&req.path, &req.body);
     let known = if cacheable {
         state.answers.lock().ok().and_then(|a| a.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone()))
     } else {
         None
     };
+    let query = req.path.split_once('?').map_or("", |(_, q)| q);
     let mut resp = match known {
         Some(r) => r.as_ref().clone(),
         None => {
             let r = match inputs::check(body, model) {
+                _ if method == ApiMethod::Stream && query_param(query, "alt").as_deref() != Some("sse") => {
+                    stream::not_sse()
+                }
                 Err(e) => google_error(400, &e.message, e.details()),
                 Ok(i) if i.text.is_empty() && i.images.is_empty() => {
                     google_error(400, "* GenerateContentRequest.contents: contents is not specified", json!([]))
                 }
-                Ok(i) => respond(&m, prompt, body, model, &i, state),
+                Ok(i) => match method {
+                    ApiMethod::Generate => respond(&m, prompt, body, model, &i, state),
+                    ApiMethod::Stream => stream::respond(&m, prompt, body, model, &i, state),
+                },
             };
             if cacheable {
                 if let Ok(mut a) = state.answers.lock() {
@@ -774,15 +828,8 @@ fn answer(req: &Request, path: &str, model: &str, body: &Value, prompt: &str, st
     resp
 }
 
-fn respond(
-    m: &behaviour::Markers,
-    prompt: &str,
-    body: &Value,
-    model: &str,
-    inputs: &Inputs,
-    state: &State,
-) -> Response {
-    let family = Family::of(model);
+/// The errors markers ask for, before anything is made (the same for both methods).
+fn marker_error(m: &behaviour::Markers, prompt: &str, state: &State) -> Option<Response> {
     if m.fail_first > 0 {
         let n = state
             .calls_per_prompt
@@ -794,15 +841,15 @@ fn respond(
             })
             .unwrap_or(0);
         if n <= m.fail_first {
-            return google_error(500, "Internal error encountered.", json!([]));
+            return Some(google_error(500, "Internal error encountered.", json!([])));
         }
     }
     if m.key_invalid {
-        return google_error(
+        return Some(google_error(
             400,
             "API key not valid. Please pass a valid API key.",
             json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]),
-        );
+        ));
     }
     if let Some(code) = m.status {
         let details = match (&m.retry_secs, code) {
@@ -817,7 +864,112 @@ fn respond(
             400 => "Request contains an invalid argument.",
             _ => "Internal error encountered.",
         };
-        return google_error(code, message, details);
+        return Some(google_error(code, message, details));
+    }
+    None
+}
+
+/// The model's thought summary (a `thought: true` text part).
+const THOUGHT_TEXT: &str = "Planning the composition.";
+/// The text of a candidate that ends without an image (`[fake:finish=REASON]`).
+const REFUSAL_TEXT: &str = "I can't make that image.";
+/// The text of a text-only answer (`[fake:noimage]`).
+const NO_IMAGE_TEXT: &str = "Here is a description instead of an image.";
+/// The model's text next to the image (`[fake:withtext]`).
+const IMAGE_TEXT: &str = "Here is your image.";
+
+/// Token counts: `full` is a whole answer's `usageMetadata`; `prompt_only` what the events of
+/// a stream before the last one carry (the prompt's counts, as Gemini sends them).
+struct Usage {
+    full: Value,
+    prompt_only: Value,
+}
+
+impl Usage {
+    fn of(prompt: &str, inputs: &Inputs, family: Family) -> Usage {
+        let text_tokens = prompt.split_whitespace().count() as u64 + 3;
+        let image_tokens = inputs.images.len() as u64 * family.tokens_per_image();
+        let mut details = vec![json!({"modality": "TEXT", "tokenCount": text_tokens})];
+        if image_tokens > 0 {
+            details.push(json!({"modality": "IMAGE", "tokenCount": image_tokens}));
+        }
+        let prompt_tokens = text_tokens + image_tokens;
+        Usage {
+            full: json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": 1290, "thoughtsTokenCount": 120,
+                     "totalTokenCount": prompt_tokens + 1290 + 120, "promptTokensDetails": details}),
+            prompt_only: json!({"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens,
+                            "promptTokensDetails": details}),
+        }
+    }
+}
+
+/// The answer to a blocked prompt: `promptFeedback.blockReason` and no candidate.
+fn blocked(reason: &str) -> Value {
+    json!({"promptFeedback": {"blockReason": reason, "safetyRatings": []}, "usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5}, "modelVersion": "fake"})
+}
+
+/// The image a request gets: its dimensions follow the request, its colour the prompt.
+struct Picture {
+    width: u32,
+    height: u32,
+    /// Palette index.
+    shade: u8,
+}
+
+impl Picture {
+    /// The ratio asked for; without one, the first input image's (snapped to a supported
+    /// ratio), as Gemini keeps the input's ratio; else 1:1.
+    fn of(prompt: &str, body: &Value, inputs: &Inputs, family: Family) -> Picture {
+        let config =
+            inputs::field(inputs::field(body, "generationConfig", "generation_config"), "imageConfig", "image_config");
+        let first_input = inputs.images.first().and_then(|i| i.dimensions);
+        let ratio = match (inputs::field(config, "aspectRatio", "aspect_ratio").as_str(), first_input) {
+            (Some(r), _) => r,
+            (None, Some((w, h))) => nearest_ratio(w, h),
+            (None, None) => "1:1",
+        };
+        let (width, height) = match family {
+            Family::Pro3 => {
+                dimensions(ratio, inputs::field(config, "imageSize", "image_size").as_str().unwrap_or("1K"))
+            }
+            Family::Flash25 => flash_dimensions(ratio),
+        };
+        let shade = (prompt.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32)) % 6) as u8;
+        Picture { width, height, shade }
+    }
+
+    /// The final image's `inlineData.data`, as the markers have it (`bytes`, `huge`, `badb64`).
+    fn data(&self, m: &behaviour::Markers, state: &State) -> String {
+        let png = cached_png(state, self.width, self.height, self.shade);
+        let png: Vec<u8> = match (m.huge, m.bytes) {
+            (true, _) => png::pad_to(&png, 26 * 1024 * 1024), // base64: ~34.7 MiB, over 32 MiB
+            (false, Some(n)) => png::pad_to(&png, n),
+            _ => png.as_ref().clone(),
+        };
+        if m.bad_base64 {
+            "this is *not* base64!".to_string()
+        } else {
+            base64::engine::general_purpose::STANDARD.encode(&png)
+        }
+    }
+}
+
+/// The final image's part (not a thought; it carries a thought signature, as Gemini 3's do).
+fn image_part(data: String) -> Value {
+    json!({"inlineData": {"mimeType": "image/png", "data": data}, "thoughtSignature": "ZmFrZQ=="})
+}
+
+fn respond(
+    m: &behaviour::Markers,
+    prompt: &str,
+    body: &Value,
+    model: &str,
+    inputs: &Inputs,
+    state: &State,
+) -> Response {
+    let family = Family::of(model);
+    if let Some(r) = marker_error(m, prompt, state) {
+        return r;
     }
     let text_resp = |v: Value| Response::json(200, v);
     if m.garbage {
@@ -826,63 +978,24 @@ fn respond(
     if m.empty {
         return Response { body: Vec::new(), ..text_resp(json!(null)) };
     }
-    let text_tokens = prompt.split_whitespace().count() as u64 + 3;
-    let image_tokens = inputs.images.len() as u64 * family.tokens_per_image();
-    let mut details = vec![json!({"modality": "TEXT", "tokenCount": text_tokens})];
-    if image_tokens > 0 {
-        details.push(json!({"modality": "IMAGE", "tokenCount": image_tokens}));
-    }
-    let prompt_tokens = text_tokens + image_tokens;
-    let usage = json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": 1290, "thoughtsTokenCount": 120,
-                       "totalTokenCount": prompt_tokens + 1290 + 120, "promptTokensDetails": details});
+    let usage = Usage::of(prompt, inputs, family).full;
     if let Some(reason) = &m.block {
-        return text_resp(
-            json!({"promptFeedback": {"blockReason": reason, "safetyRatings": []}, "usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5}, "modelVersion": "fake"}),
-        );
+        return text_resp(blocked(reason));
     }
     if let Some(reason) = &m.finish {
         return text_resp(
-            json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "I can't make that image."}]}, "finishReason": reason, "index": 0}], "usageMetadata": usage}),
+            json!({"candidates": [{"content": {"role": "model", "parts": [{"text": REFUSAL_TEXT}]}, "finishReason": reason, "index": 0}], "usageMetadata": usage}),
         );
     }
     if m.no_image {
         return text_resp(
-            json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "Here is a description instead of an image."}]}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage}),
+            json!({"candidates": [{"content": {"role": "model", "parts": [{"text": NO_IMAGE_TEXT}]}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage}),
         );
     }
-
-    // The ratio asked for; without one, the first input image's (snapped to a supported
-    // ratio), as Gemini keeps the input's ratio; else 1:1.
-    let config =
-        inputs::field(inputs::field(body, "generationConfig", "generation_config"), "imageConfig", "image_config");
-    let first_input = inputs.images.first().and_then(|i| i.dimensions);
-    let ratio = match (inputs::field(config, "aspectRatio", "aspect_ratio").as_str(), first_input) {
-        (Some(r), _) => r,
-        (None, Some((w, h))) => nearest_ratio(w, h),
-        (None, None) => "1:1",
-    };
-    let (w, h) = match family {
-        Family::Pro3 => dimensions(ratio, inputs::field(config, "imageSize", "image_size").as_str().unwrap_or("1K")),
-        Family::Flash25 => flash_dimensions(ratio),
-    };
-    let shade = (prompt.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32)) % 6) as u8;
-    let png = cached_png(state, w, h, shade);
-    let png: Vec<u8> = match (m.huge, m.bytes) {
-        (true, _) => png::pad_to(&png, 26 * 1024 * 1024), // base64: ~34.7 MiB, over 32 MiB
-        (false, Some(n)) => png::pad_to(&png, n),
-        _ => png.as_ref().clone(),
-    };
-    let data = if m.bad_base64 {
-        "this is *not* base64!".to_string()
-    } else {
-        base64::engine::general_purpose::STANDARD.encode(&png)
-    };
-    let mut parts = vec![
-        json!({"text": "Planning the composition.", "thought": true}),
-        json!({"inlineData": {"mimeType": "image/png", "data": data}, "thoughtSignature": "ZmFrZQ=="}),
-    ];
+    let data = Picture::of(prompt, body, inputs, family).data(m, state);
+    let mut parts = vec![json!({"text": THOUGHT_TEXT, "thought": true}), image_part(data)];
     if m.with_text {
-        parts.push(json!({"text": "Here is your image."}));
+        parts.push(json!({"text": IMAGE_TEXT}));
     }
     let answer = json!({
         "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
