@@ -215,3 +215,34 @@ pub fn check_files(data: &[u8]) {
         None => assert!(!is_base64(data)),
     }
 }
+
+/// The stream transform on whatever Gemini's event stream holds, fed in pieces of a size the
+/// first byte picks: never a panic, output only whole events whose data is JSON with a `type`,
+/// and after a completed or error event nothing more.
+pub fn check_stream(data: &[u8]) {
+    use gemini_image_filter::stream::{EventMeta, StreamKind, StreamOptions, StreamTransform};
+    let Some((&knobs, rest)) = data.split_first() else { return };
+    let kind = if knobs & 0x80 == 0 { StreamKind::Generation } else { StreamKind::Edit };
+    let meta = EventMeta { kind, created_at: 1, quality: "auto".into(), background: "auto".into() };
+    let options = StreamOptions { meta, partial_images: u32::from(knobs & 3), max_event_bytes: 4096 };
+    let mut t = StreamTransform::new(options);
+    let piece = usize::from((knobs >> 2) & 0x1f) + 1;
+    let mut out = Vec::new();
+    let chunks: Vec<&[u8]> = rest.chunks(piece).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        out.extend(t.on_body(chunk, i + 1 == chunks.len()));
+    }
+    if chunks.is_empty() {
+        out.extend(t.on_body(b"", true));
+    }
+    let text = std::str::from_utf8(&out).expect("events are UTF-8");
+    let mut ended = false;
+    for event in text.split_terminator("\n\n") {
+        assert!(!ended, "an event after the stream ended: {event:?}");
+        let data = event.lines().find_map(|l| l.strip_prefix("data: ")).expect("a data line");
+        let v: serde_json::Value = serde_json::from_str(data).expect("event data is JSON");
+        let ty = v["type"].as_str().expect("a type");
+        ended = ty == "error" || ty.ends_with(".completed");
+    }
+    assert!(text.is_empty() || text.ends_with("\n\n"), "whole events only");
+}

@@ -29,6 +29,7 @@ pub mod openai;
 pub mod policy;
 pub mod request;
 pub mod safety;
+pub mod stream;
 #[cfg(test)]
 mod test_support;
 

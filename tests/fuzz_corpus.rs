@@ -50,3 +50,8 @@ fn multipart_corpus() {
 fn files_corpus() {
     replay("files", check_files);
 }
+
+#[test]
+fn stream_corpus() {
+    replay("stream", check_stream);
+}
