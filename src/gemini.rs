@@ -175,46 +175,48 @@ struct WireResponse<'a> {
     usage_metadata: Option<WireUsage>,
 }
 
+/// A candidate of Gemini's answer (the streaming transform reads the same candidates).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireCandidate<'a> {
+pub(crate) struct WireCandidate<'a> {
     #[serde(default, borrow)]
-    content: Option<WireContent<'a>>,
+    pub(crate) content: Option<WireContent<'a>>,
     #[serde(default)]
-    finish_reason: Option<String>,
+    pub(crate) finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct WireContent<'a> {
+pub(crate) struct WireContent<'a> {
     #[serde(default, borrow)]
-    parts: Vec<WirePart<'a>>,
+    pub(crate) parts: Vec<WirePart<'a>>,
 }
 
+/// A part of Gemini's answer (the streaming transform reads the same parts).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WirePart<'a> {
+pub(crate) struct WirePart<'a> {
     #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
+    pub(crate) text: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    inline_data: Option<WireBlob<'a>>,
+    pub(crate) inline_data: Option<WireBlob<'a>>,
     #[serde(default)]
-    thought: Option<bool>,
+    pub(crate) thought: Option<bool>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireBlob<'a> {
+pub(crate) struct WireBlob<'a> {
     #[serde(default, borrow)]
-    mime_type: Option<Cow<'a, str>>,
+    pub(crate) mime_type: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    data: Cow<'a, str>,
+    pub(crate) data: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WirePromptFeedback {
+pub(crate) struct WirePromptFeedback {
     #[serde(default)]
-    block_reason: Option<String>,
+    pub(crate) block_reason: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -32,7 +32,7 @@ use serde_json::value::RawValue;
 
 use crate::endpoint::Endpoint;
 use crate::error::{ApiError, ErrorCode};
-use crate::gemini::{is_base64, read_call, Base64, CallResponse, Usage};
+use crate::gemini::{is_base64, read_call, Base64, CallResponse, Usage, WireBlob, WireCandidate, WirePromptFeedback};
 use crate::image_type::{dimensions_base64, ImageType};
 use crate::openai::{error_body, output_format, ImageView};
 
@@ -369,48 +369,6 @@ struct WireChunk<'a> {
     error: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireCandidate<'a> {
-    #[serde(default, borrow)]
-    content: Option<WireContent<'a>>,
-    #[serde(default)]
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WireContent<'a> {
-    #[serde(default, borrow)]
-    parts: Option<Vec<WirePart<'a>>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WirePart<'a> {
-    #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    inline_data: Option<WireBlob<'a>>,
-    #[serde(default)]
-    thought: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireBlob<'a> {
-    #[serde(default, borrow)]
-    mime_type: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    data: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WirePromptFeedback {
-    #[serde(default)]
-    block_reason: Option<String>,
-}
-
 /// An image found in an event: where its base64 lies in the payload (or owned text, when the
 /// JSON string held escapes), and its MIME type.
 #[derive(Clone, Debug)]
@@ -484,7 +442,7 @@ fn read_event(payload: &[u8]) -> Result<Reading, &'static str> {
         return Ok(reading);
     };
     reading.finished = candidate.finish_reason.is_some_and(|r| !r.is_empty());
-    for part in candidate.content.and_then(|c| c.parts).unwrap_or_default() {
+    for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
         let thought = part.thought == Some(true);
         match (part.inline_data, thought) {
             (Some(blob), true) => reading.thoughts.push(locate(payload, blob)),
