@@ -525,14 +525,16 @@ impl StreamDriver {
         // Methods are case-sensitive: `post` is not `POST`.
         let method = host.request_header(":method").unwrap_or_default();
         let wrong_method = method != endpoint.method();
+        let url_base_from_request = self.settings.urls.as_ref().is_some_and(|u| u.base.is_none());
         let head = RequestHead {
             method,
             content_type: host.request_header("content-type"),
             content_length: host.request_header("content-length").and_then(|v| v.trim().parse().ok()),
             request_id: host.request_header("x-request-id"),
             cache_control: host.request_header("cache-control"),
-            authority: host.request_header(":authority"),
-            forwarded_proto: host.request_header("x-forwarded-proto"),
+            // Read only when image URLs take their base from the request.
+            authority: url_base_from_request.then(|| host.request_header(":authority")).flatten(),
+            forwarded_proto: url_base_from_request.then(|| host.request_header("x-forwarded-proto")).flatten(),
         };
         let now = host.now_ms();
         let (name, profile) = self.resolve_profile(host);

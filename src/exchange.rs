@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use crate::access_log::{LogLevel, LogRecord};
 use crate::cache::{self, CacheKey, L1Read, StorePlan};
-use crate::config::Settings;
+use crate::config::{L2Settings, Settings};
 use crate::edit;
 use crate::endpoint::Endpoint;
 use crate::error::{ApiError, Category, ErrorCode};
@@ -43,6 +43,39 @@ pub struct HttpCall {
     /// entry that L1 keeps too.
     pub body: Rc<Vec<u8>>,
     pub timeout_ms: u64,
+}
+
+impl HttpCall {
+    /// A GET of `key` at the cache service (L2).
+    pub fn l2_get(l2: &L2Settings, key: &str) -> HttpCall {
+        HttpCall {
+            cluster: l2.cluster.clone(),
+            headers: l2_headers(l2, "GET", key),
+            body: Rc::new(Vec::new()),
+            timeout_ms: l2.timeout_ms,
+        }
+    }
+
+    /// A PUT of `value` under `key` at the cache service, kept `ttl_s` seconds.
+    pub fn l2_put(l2: &L2Settings, key: &str, value: Rc<Vec<u8>>, ttl_s: u64) -> HttpCall {
+        let mut headers = l2_headers(l2, "PUT", key);
+        headers.push(("content-type".to_string(), "application/octet-stream".to_string()));
+        headers.push(("x-cache-ttl-seconds".to_string(), ttl_s.max(1).to_string()));
+        HttpCall { cluster: l2.cluster.clone(), headers, body: value, timeout_ms: l2.timeout_ms.max(1000) }
+    }
+}
+
+/// The headers every cache-service call carries.
+fn l2_headers(l2: &L2Settings, method: &str, key: &str) -> Vec<(String, String)> {
+    let mut headers = vec![
+        (":method".to_string(), method.to_string()),
+        (":path".to_string(), cache::l2_path(key)),
+        (":authority".to_string(), l2.authority.clone()),
+    ];
+    if let Some(token) = &l2.token {
+        headers.push(("authorization".to_string(), format!("Bearer {token}")));
+    }
+    headers
 }
 
 /// A local reply to the client.
@@ -130,6 +163,20 @@ pub enum Effect {
     Count(Counter, u64),
     /// Record a histogram value.
     Observe(Histogram, u64),
+}
+
+impl Effect {
+    /// The write of `entry` (stored under `key`, expiring at `expires_at_s`) into L1 slot
+    /// `slot`.
+    pub fn store_l1(slot: u32, key: &str, expires_at_s: u64, entry: Rc<Vec<u8>>) -> Effect {
+        let slot = cache::l1_slot_at(slot);
+        Effect::StoreL1 {
+            meta_key: slot.meta_key,
+            meta: cache::encode_l1_meta(key, expires_at_s),
+            data_key: slot.data_key,
+            data: entry,
+        }
+    }
 }
 
 /// Where a request is. Each phase holds what it needs, so a state that cannot happen cannot
@@ -602,20 +649,7 @@ impl Exchange {
     fn after_l1(&mut self, planned: Box<Planned>) -> Vec<Effect> {
         match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l2.as_ref())) {
             (Some(key), Some(l2)) if planned.cache.lookup => {
-                let mut headers = vec![
-                    (":method".to_string(), "GET".to_string()),
-                    (":path".to_string(), cache::l2_path(&key.key)),
-                    (":authority".to_string(), l2.authority.clone()),
-                ];
-                if let Some(token) = &l2.token {
-                    headers.push(("authorization".to_string(), format!("Bearer {token}")));
-                }
-                let call = HttpCall {
-                    cluster: l2.cluster.clone(),
-                    headers,
-                    body: Rc::new(Vec::new()),
-                    timeout_ms: l2.timeout_ms,
-                };
+                let call = HttpCall::l2_get(l2, &key.key);
                 self.phase = Phase::AwaitingL2(planned);
                 vec![Effect::CallL2(call)]
             }
@@ -848,16 +882,11 @@ impl Exchange {
         let expires = created.saturating_add(urls.ttl_seconds);
         let mut writes = Vec::new();
         if let Some(l1) = c.l1.as_ref().filter(|l1| entry.len() <= l1.max_entry_bytes) {
-            let slot = cache::l1_slot_at(cache::l1_slots(&cache_key, l1.max_entries).first().map_or(0, |s| s.index));
-            writes.push(Effect::StoreL1 {
-                meta_key: slot.meta_key,
-                meta: cache::encode_l1_meta(&key, expires),
-                data_key: slot.data_key,
-                data: entry.clone(),
-            });
+            let slot = cache::l1_slots(&cache_key, l1.max_entries).first().map_or(0, |s| s.index);
+            writes.push(Effect::store_l1(slot, &key, expires, entry.clone()));
         }
         if let Some(l2) = &c.l2 {
-            writes.push(Effect::WriteL2(crate::files::l2_put(l2, &key, entry, urls.ttl_seconds)));
+            writes.push(Effect::WriteL2(HttpCall::l2_put(l2, &key, entry, urls.ttl_seconds)));
         }
         if writes.is_empty() {
             return None;
@@ -972,15 +1001,9 @@ impl Exchange {
             slot: cache::l1_slots(key, l1.max_entries).first().map_or(0, |s| s.index),
             evicts: false,
         });
-        let slot = cache::l1_slot_at(plan.slot);
         let expires = cache::expires_at(created, c.ttl_seconds);
         let mut effects = vec![
-            Effect::StoreL1 {
-                meta_key: slot.meta_key,
-                meta: cache::encode_l1_meta(&key.key, expires),
-                data_key: slot.data_key,
-                data: entry,
-            },
+            Effect::store_l1(plan.slot, &key.key, expires, entry),
             Effect::Count(Counter::CacheStores(CacheTier::L1), 1),
         ];
         if plan.evicts {
@@ -1006,7 +1029,7 @@ impl Exchange {
         let in_l1 = c.l1.as_ref().is_some_and(|l1| entry.len() <= l1.max_entry_bytes);
         let mut effects = self.l1_store(planned, entry.clone(), created);
         if let Some(l2) = &c.l2 {
-            effects.push(Effect::WriteL2(crate::files::l2_put(l2, &key.key, entry, c.ttl_seconds)));
+            effects.push(Effect::WriteL2(HttpCall::l2_put(l2, &key.key, entry, c.ttl_seconds)));
             effects.push(Effect::Count(Counter::CacheStores(CacheTier::L2), 1));
         }
         (effects, in_l1 || c.l2.is_some())

@@ -249,7 +249,8 @@ impl FileFetch {
             }
             return effects;
         }
-        let (Some(id), Some(cache)) = (self.id.clone(), self.settings.cache.clone()) else {
+        let settings = self.settings.clone();
+        let (Some(index), Some(cache)) = (self.id.as_ref().map(|id| id.index), settings.cache.as_ref()) else {
             return self.not_found(now_ms);
         };
         if self.settings.urls.is_none() {
@@ -268,7 +269,7 @@ impl FileFetch {
                     if let Some(key) = CacheKey::from_key(&r.entry_key) {
                         if let L1Read::Hit(bytes) = cache::l1_lookup(read, &key, l1.max_entries, now_s) {
                             let image = cache::decode_entry(&bytes, &r.entry_key)
-                                .and_then(|e| image_of(&e, id.index, r.expires_at_s));
+                                .and_then(|e| image_of(&e, index, r.expires_at_s));
                             if let Some(image) = image {
                                 return self.serve(image, CacheTier::L1, true, now_ms);
                             }
@@ -281,7 +282,7 @@ impl FileFetch {
         match &cache.l2 {
             Some(l2) => {
                 self.phase = Phase::AwaitingRecord;
-                vec![Effect::CallL2(l2_get(l2, &self.record_key))]
+                vec![Effect::CallL2(HttpCall::l2_get(l2, &self.record_key))]
             }
             None => self.not_found(now_ms),
         }
@@ -296,7 +297,10 @@ impl FileFetch {
         now_ms: u64,
     ) -> Vec<Effect> {
         let now_s = now_ms / 1000;
-        let (Some(id), Some(cache)) = (self.id.clone(), self.settings.cache.clone()) else { return Vec::new() };
+        let settings = self.settings.clone();
+        let (Some(index), Some(cache)) = (self.id.as_ref().map(|id| id.index), settings.cache.as_ref()) else {
+            return Vec::new();
+        };
         let Some(l2) = &cache.l2 else { return Vec::new() };
         let failed = !matches!(response.status, Some(200 | 404));
         let mut effects = Vec::new();
@@ -311,7 +315,7 @@ impl FileFetch {
                     .filter(|r| r.expires_at_s > now_s);
                 match record {
                     Some(r) => {
-                        effects.push(Effect::CallL2(l2_get(l2, &r.entry_key)));
+                        effects.push(Effect::CallL2(HttpCall::l2_get(l2, &r.entry_key)));
                         self.phase = Phase::AwaitingEntry(r);
                     }
                     None => effects.extend(self.not_found(now_ms)),
@@ -324,7 +328,7 @@ impl FileFetch {
                     .then(|| cache::decode_entry(&response.body, &r.entry_key))
                     .flatten()
                     .filter(|e| cache::verify_untrusted(e, r.images, now_s, ttl).is_ok())
-                    .and_then(|e| image_of(&e, id.index, r.expires_at_s));
+                    .and_then(|e| image_of(&e, index, r.expires_at_s));
                 match image {
                     Some(image) => {
                         effects.extend(self.serve(image, CacheTier::L2, true, now_ms));
@@ -354,13 +358,7 @@ impl FileFetch {
         }
         let mut effects = Vec::new();
         if let L1Read::Miss(plan) = cache::l1_lookup(read, &key, l1.max_entries, now_s) {
-            let slot = cache::l1_slot_at(plan.slot);
-            effects.push(Effect::StoreL1 {
-                meta_key: slot.meta_key,
-                meta: cache::encode_l1_meta(&record.entry_key, record.expires_at_s),
-                data_key: slot.data_key,
-                data: Rc::new(entry),
-            });
+            effects.push(Effect::store_l1(plan.slot, &record.entry_key, record.expires_at_s, Rc::new(entry)));
             effects.push(Effect::Count(Counter::CacheStores(CacheTier::L1), 1));
         }
         effects.push(Effect::StoreShared {
@@ -460,18 +458,6 @@ fn etag_matches(header: &str, etag: &str) -> bool {
     header.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag)
 }
 
-fn l2_get(l2: &crate::config::L2Settings, key: &str) -> HttpCall {
-    let mut headers = vec![
-        (":method".to_string(), "GET".to_string()),
-        (":path".to_string(), cache::l2_path(key)),
-        (":authority".to_string(), l2.authority.clone()),
-    ];
-    if let Some(token) = &l2.token {
-        headers.push(("authorization".to_string(), format!("Bearer {token}")));
-    }
-    HttpCall { cluster: l2.cluster.clone(), headers, body: Rc::new(Vec::new()), timeout_ms: l2.timeout_ms }
-}
-
 /// The writes that make a URL findable: its record into its L1 slot and to L2 (expiring with
 /// the URL).
 pub fn record_writes(settings: &Settings, record_key: &str, record: &Record, now_s: u64) -> Vec<Effect> {
@@ -485,24 +471,14 @@ pub fn record_writes(settings: &Settings, record_key: &str, record: &Record, now
         });
     }
     if let Some(l2) = &cache.l2 {
-        effects.push(Effect::WriteL2(l2_put(l2, record_key, value, record.expires_at_s.saturating_sub(now_s))));
+        effects.push(Effect::WriteL2(HttpCall::l2_put(
+            l2,
+            record_key,
+            value,
+            record.expires_at_s.saturating_sub(now_s),
+        )));
     }
     effects
-}
-
-/// A PUT of `value` under `key` at the cache service, kept `ttl_s` seconds.
-pub fn l2_put(l2: &crate::config::L2Settings, key: &str, value: Rc<Vec<u8>>, ttl_s: u64) -> HttpCall {
-    let mut headers = vec![
-        (":method".to_string(), "PUT".to_string()),
-        (":path".to_string(), cache::l2_path(key)),
-        (":authority".to_string(), l2.authority.clone()),
-        ("content-type".to_string(), "application/octet-stream".to_string()),
-        ("x-cache-ttl-seconds".to_string(), ttl_s.max(1).to_string()),
-    ];
-    if let Some(token) = &l2.token {
-        headers.push(("authorization".to_string(), format!("Bearer {token}")));
-    }
-    HttpCall { cluster: l2.cluster.clone(), headers, body: value, timeout_ms: l2.timeout_ms.max(1000) }
 }
 
 #[cfg(test)]
