@@ -222,3 +222,21 @@ def test_the_python_sdk_reads_a_url_and_the_image_behind_it(fleet):
     assert URL_RE.match(url)
     status, h, body = fetch(url)
     assert status == 200 and png_size(body) == result.size
+
+
+def test_the_scheme_comes_from_x_forwarded_proto(fleet):
+    a, _ = fleet
+    _, answer = generate(a, {"prompt": unique("url https"), "response_format": "url"},
+                         headers={"x-forwarded-proto": "https"})
+    url = answer["data"][0]["url"]
+    assert url.startswith("https://127.0.0.1:%d/v1/images/files/" % a.port), url
+    assert fetch(on(a, url))[0] == 200
+
+
+def test_urls_without_a_cache_tier_are_refused(tmp_path):
+    from test_profiles import validate
+    rc, out = validate(tmp_path, with_plugin(cache=None))
+    assert rc != 0, out[-3000:]
+    assert "urls needs a cache tier" in out, out[-3000:]
+    rc, out = validate(tmp_path, with_plugin(cache={"l1": None, "l2": None}))
+    assert rc != 0 and "urls needs a cache tier" in out, out[-3000:]

@@ -665,6 +665,45 @@ def test_a_profile_that_loosens_or_misspells_is_refused(tmp_path, sections, need
     assert needle in out, out[-3000:]
 
 
+def test_a_missing_price_is_zero_and_a_warning(tmp_path, workdir, fake):
+    cfg = profiled({}, profile_from=False, pricing={"gemini-3-pro-image": {"1K": 0.5, "2K": 0.5, "4K": 1.0}})
+    rc, out = validate(tmp_path, cfg)
+    assert rc == 0, out[-3000:]
+    assert "pricing has no price for gemini-2.5-flash-image at 1K" in out, out[-3000:]
+    e = start_envoy(workdir, fake, "envoy-profiles-unpriced", cfg, jwt=False)
+    try:
+        a = call(e, {"prompt": unique("unpriced"), "model": "gemini-2.5-flash-image"})
+        assert a.status == 200 and cost_of(a) == 0, a
+        assert log_of(e, a.rid)["cost_usd"] == 0
+        assert cost_of(call(e, {"prompt": unique("priced")})) == 0.5
+    finally:
+        stop_envoy(e)
+
+
+def test_a_profiles_own_inflight_bound_holds_it_alone(workdir, fake):
+    """`limits.max_inflight_requests` in a profile bounds that profile's requests in each
+    worker (one worker here, so the bound is exact); another profile is not held by it."""
+    cfg = profiled({"small": {"limits": {"max_inflight_requests": 1}}}, profile_from=False)
+    e = Envoy(workdir, name="envoy-profiles-inflight", fake_gemini="127.0.0.1:%d" % fake.port,
+              app="127.0.0.1:%d" % fake.port, plugin=cfg, concurrency=1,
+              extra_listeners=[("small", free_port(), cfg)],
+              doc_hook=wiring(jwt=False, route_profiles={"small": "small"}),
+              env_extra={"GEMINI_API_KEY": API_KEY})
+    try:
+        slow = lambda listener, tag: call(e, {"prompt": unique(tag + " [fake:delay=1500]")}, listener=listener)
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(slow, "small", "first")
+            time.sleep(0.5)  # the first holds the profile's one place
+            second = pool.submit(slow, "small", "second")
+            other = pool.submit(slow, "images", "other")
+            first, second, other = first.result(), second.result(), other.result()
+        assert first.status == 200, first
+        assert_error(second, 503, "IMG_OVERLOADED", "api_error")
+        assert other.status == 200, "the default profile is not held by small's bound"
+    finally:
+        stop_envoy(e)
+
+
 def test_a_profile_that_loosens_a_limit_keeps_envoy_from_starting(workdir, fake):
     with pytest.raises(RuntimeError):
         e = start_envoy(workdir, fake, "envoy-profiles-loose", profiled({"loose": {"limits": {"max_n": 8}}}))
