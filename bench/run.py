@@ -164,12 +164,14 @@ def bench_config(fake, cache, bodies, workdir):
     rc = hcm["route_config"]
     rc["max_direct_response_body_size_bytes"] = 32 * MIB
     # On the filter listener: a route where the filter is switched off per route, the way a
-    # sidecar keeps it off the application's own traffic.
-    main_routes = main["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    main_routes.insert(0, {"match": {"prefix": "/off/"}, "route": {"cluster": "app", "prefix_rewrite": "/"},
-                           "typed_per_filter_config": {
-                               "envoy.filters.http.wasm": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True},
-                               "envoy.filters.http.buffer": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}}})
+    # sidecar keeps it off the application's own traffic (after the upstream route of contract
+    # section 14, which stays first).
+    render_envoy.add_route(main, {"match": {"prefix": "/off/"}, "route": {"cluster": "app", "prefix_rewrite": "/"},
+                                  "typed_per_filter_config": {
+                                      "envoy.filters.http.wasm": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True},
+                                      "envoy.filters.http.buffer": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}}})
+    # The plain listener has no filter, so no upstream route either: without the filter to
+    # refuse the header, that route would let a client pick any cluster.
     rc["virtual_hosts"][0]["routes"] = [
         {"match": {"path": "/direct/%s" % name}, "direct_response": {"status": 200, "body": {"filename": path}},
          "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}

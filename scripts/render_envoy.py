@@ -10,6 +10,11 @@ A changed plugin configuration is always made one way, with `with_plugin` (the s
 with some sections changed), and given whole: `render(plugin=...)`, `extra_listeners`, and
 `harness.Envoy(...).set_plugin(...)` for a reload.
 
+Every virtual host of a listener that runs the filter starts with the upstream route of
+contract section 14 (`upstream_route`), which takes the streamed requests the filter rewrites;
+the shipped configs carry it, extra listeners copy it with the rest, and a route added to a
+rendered config goes after it, with `add_route`.
+
     python3 scripts/render_envoy.py --fake-gemini 127.0.0.1:8081 --out run/envoy.yaml
 """
 import argparse
@@ -23,6 +28,36 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BASE = os.path.join(ROOT, "envoy", "envoy.yaml")
 DEFAULT_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "gemini_image_filter.wasm")
+
+
+# Contract section 14: the header in which the filter names the cluster of a request it sends
+# upstream itself (streaming, section 12); a client request that carries it is refused.
+UPSTREAM_HEADER = "x-gemini-image-filter-upstream"
+UPSTREAM_ROUTE_NAME = "gemini-image-filter-upstream"
+
+
+def upstream_route():
+    """The upstream route of contract section 14, as the shipped configs carry it: first in
+    every virtual host of a listener that runs the filter, with the filter on."""
+    return {
+        "name": UPSTREAM_ROUTE_NAME,
+        "match": {"prefix": "/", "headers": [{"name": UPSTREAM_HEADER, "present_match": True}]},
+        "route": {"cluster_header": UPSTREAM_HEADER, "timeout": "0s", "idle_timeout": "300s"},
+    }
+
+
+def is_upstream_route(route):
+    return route.get("name") == UPSTREAM_ROUTE_NAME
+
+
+def add_route(listener, route, vhost=0):
+    """Puts `route` before the other routes of a virtual host of `listener`, but after the
+    upstream route, which stays first: a route added in front of it could take the requests
+    the filter rewrites for Gemini."""
+    routes = _hcm(listener)["route_config"]["virtual_hosts"][vhost]["routes"]
+    at = 1 if routes and is_upstream_route(routes[0]) else 0
+    routes.insert(at, route)
+    return route
 
 
 def _addr(s):

@@ -56,10 +56,19 @@ impl Backend {
 
     /// The path of `generateContent` for an upstream model id.
     pub fn path(&self, model: &str) -> String {
+        self.method_path(model, "generateContent")
+    }
+
+    /// The path of `streamGenerateContent` as server-sent events.
+    pub fn stream_path(&self, model: &str) -> String {
+        self.method_path(model, "streamGenerateContent?alt=sse")
+    }
+
+    fn method_path(&self, model: &str, method: &str) -> String {
         match &self.kind {
-            Kind::Gemini => format!("/v1beta/models/{model}:generateContent"),
+            Kind::Gemini => format!("/v1beta/models/{model}:{method}"),
             Kind::Vertex { project, location } => {
-                format!("/v1/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent")
+                format!("/v1/projects/{project}/locations/{location}/publishers/google/models/{model}:{method}")
             }
         }
     }

@@ -38,6 +38,7 @@ struct RawConfig {
     backends: Option<Vec<RawBackend>>,
     retry: Option<RawRetry>,
     urls: Option<RawUrls>,
+    streaming: RawStreaming,
     profiles: BTreeMap<String, RawProfile>,
     profile_from: Option<RawProfileFrom>,
     pricing: Option<BTreeMap<String, BTreeMap<String, f64>>>,
@@ -58,6 +59,19 @@ impl Default for RawUrls {
             ttl_seconds: 3600,
             default_url_models: vec!["dall-e-2".into(), "dall-e-3".into()],
         }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawStreaming {
+    enabled: bool,
+    max_event_bytes: u64,
+}
+
+impl Default for RawStreaming {
+    fn default() -> Self {
+        RawStreaming { enabled: true, max_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES as u64 }
     }
 }
 
@@ -407,6 +421,17 @@ pub struct UrlSettings {
     pub default_url_models: Vec<String>,
 }
 
+/// Streamed answers (contract section 12, docs/streaming.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamingSettings {
+    /// False where Envoy cannot hold request headers for the filter (no
+    /// `allow_on_headers_stop_iteration`): the filter then lets headers go on at once and
+    /// refuses `stream: true`.
+    pub enabled: bool,
+    /// The largest Gemini event held while it arrives (one event carries the final image).
+    pub max_event_bytes: usize,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheSettings {
     pub ttl_seconds: u64,
@@ -429,6 +454,7 @@ pub struct Settings {
     pub cache: Option<CacheSettings>,
     /// Image URLs; `None`: `url` answers are `data:` URIs.
     pub urls: Option<UrlSettings>,
+    pub streaming: StreamingSettings,
     /// Where calls go: the `backends` list, or the `gemini` section as the one backend.
     pub backends: Backends,
     /// Things worth a warning at start-up that do not stop it (e.g. no API key).
@@ -856,6 +882,11 @@ impl Settings {
                 })
             }
         };
+        in_range("streaming.max_event_bytes", raw.streaming.max_event_bytes, 1024 * 1024, 1 << 30)?;
+        let streaming = StreamingSettings {
+            enabled: raw.streaming.enabled,
+            max_event_bytes: raw.streaming.max_event_bytes as usize,
+        };
         let pricing = pricing(raw.pricing, &families, &mut warnings)?;
         let profile_from = match raw.profile_from {
             None => None,
@@ -904,6 +935,7 @@ impl Settings {
             backends,
             cache,
             urls,
+            streaming,
             warnings,
             profile: Profile::open(DEFAULT_PROFILE),
             pricing,

@@ -55,6 +55,21 @@ pub trait Host {
     /// Writes only if the value is still at version `cas` (`None`: whatever it is); false when
     /// it changed meanwhile or the host refused.
     fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+    /// Rewrites the request on its way upstream (a streamed request, held since its headers):
+    /// every client header but the pseudo-headers and tracing ones goes, `set` is set, and the
+    /// buffered body (`body_len` bytes) becomes `body`. False when the host refused a part.
+    fn forward_request(&mut self, set: &[(String, String)], body_len: usize, body: &[u8]) -> bool;
+    /// Lets a held request go on (after `forward_request` outside a request callback).
+    fn resume_request(&mut self) -> bool;
+    /// A response header; readable during the response callbacks.
+    fn response_header(&self, name: &str) -> Option<String>;
+    /// Sets (or with `None` removes) a response header, while the headers are not yet sent.
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) -> bool;
+    /// The response body buffered so far (the current piece, or all of it when held), up to
+    /// `size` bytes.
+    fn response_body(&self, size: usize) -> Vec<u8>;
+    /// Replaces the `len` bytes of response body the current callback holds with `body`.
+    fn set_response_body(&mut self, len: usize, body: &[u8]) -> bool;
     fn log(&mut self, level: LogLevel, message: &str);
     fn count(&mut self, counter: &Counter, by: u64);
     fn observe(&mut self, histogram: Histogram, value: u64);
@@ -468,6 +483,8 @@ pub struct StreamDriver {
     held: Option<u64>,
     /// Its Gemini calls, once they start.
     plan: Option<CallPlan>,
+    /// A streamed request: where it went and what its response is (`driver_stream.rs`).
+    upstream: streamed::Upstream,
 }
 
 impl StreamDriver {
@@ -481,6 +498,7 @@ impl StreamDriver {
             replied: false,
             held: None,
             plan: None,
+            upstream: streamed::Upstream::default(),
         }
     }
 
@@ -514,7 +532,11 @@ impl StreamDriver {
     }
 
     pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
-        // The path first: on pass-through traffic that is the only host call.
+        // The internal upstream route is the filter's alone: a client naming a cluster in its
+        // header is refused before any route is used (contract section 14).
+        if host.request_header(streamed::UPSTREAM_HEADER).is_some() {
+            return self.refuse_upstream_header(host);
+        }
         let Some(path) = host.request_header(":path") else { return Verdict::Continue };
         let Some(endpoint) = Endpoint::for_path(&path) else {
             return match files::parse_path(&path) {
@@ -555,9 +577,12 @@ impl StreamDriver {
         if end_of_stream && !self.replied {
             self.body_complete(host, 0);
         }
-        // Continue lets Envoy deliver the body; the buffer filter after this one holds the
-        // headers back from the router. After a local reply, nothing more may go upstream.
-        if self.replied {
+        // Pause holds the headers, so that a streamed request can be rewritten at the end of
+        // its body (Envoy delivers the body with `allow_on_headers_stop_iteration`). Without
+        // streaming, Continue lets Envoy deliver the body and the buffer filter after this one
+        // holds the headers back from the router. After a local reply, nothing more may go
+        // upstream.
+        if self.replied || self.settings.streaming.enabled {
             Verdict::Pause
         } else {
             Verdict::Continue
@@ -603,9 +628,11 @@ impl StreamDriver {
             self.feed(host, |ex| ex.on_body_progress(body_size, now));
         }
         if !self.replied && end_of_stream {
+            self.upstream.in_request_callback = true;
             self.body_complete(host, body_size);
+            self.upstream.in_request_callback = false;
         }
-        Verdict::Pause
+        self.request_verdict()
     }
 
     pub fn on_request_trailers(&mut self, host: &mut dyn Host) -> Verdict {
@@ -614,9 +641,11 @@ impl StreamDriver {
         }
         if !self.replied {
             // A body that ended with trailers: take what was buffered.
+            self.upstream.in_request_callback = true;
             self.body_complete(host, usize::MAX);
+            self.upstream.in_request_callback = false;
         }
-        Verdict::Pause
+        self.request_verdict()
     }
 
     /// A call-out answered. Zero headers means it failed (reset, timeout, body over the
@@ -660,6 +689,8 @@ impl StreamDriver {
                 None => self.feed(host, |ex| ex.on_l2_response(response, now)),
             },
         }
+        // A streamed request rewritten here, outside its request callbacks, goes on now.
+        self.resume_if_forwarded(host);
     }
 
     /// An attempt answered: the call's outcome, or another attempt on the next key or backend.
@@ -718,16 +749,7 @@ impl StreamDriver {
                 let outcome = last.unwrap_or_else(|| failed(ApiError::timed_out("Gemini did not answer in time")));
                 return self.call_done(index, outcome, &attempts, now);
             }
-            let picked = {
-                let reader: &dyn Host = host;
-                let mut cooldown = |k: KeyRef| read_cooldown(reader, backends, k);
-                let ready = |k: KeyRef| credential_ready(&settings, reader, k, now);
-                match self.worker.try_borrow_mut() {
-                    Ok(mut w) => backends::pick(backends, &attempts, &mut cooldown, &ready, &mut w.turns, now),
-                    Err(_) => backends::pick(backends, &attempts, &mut cooldown, &ready, &mut [], now),
-                }
-            };
-            let key = match picked {
+            let key = match self.pick_key(host, &attempts, now) {
                 Pick::Use(key) => key,
                 Pick::NoneLeft => {
                     let outcome = match last {
@@ -763,6 +785,19 @@ impl StreamDriver {
                     last = Some(failed(ApiError::new(ErrorCode::InternalError, "the gateway could not call Gemini")));
                 }
             }
+        }
+    }
+
+    /// The first usable key in backend order after `attempts`, taking turns within this
+    /// worker.
+    fn pick_key(&mut self, host: &dyn Host, attempts: &Attempts, now: u64) -> Pick {
+        let settings = self.settings.clone();
+        let backends = &settings.backends;
+        let mut cooldown = |k: KeyRef| read_cooldown(host, backends, k);
+        let ready = |k: KeyRef| credential_ready(&settings, host, k, now);
+        match self.worker.try_borrow_mut() {
+            Ok(mut w) => backends::pick(backends, attempts, &mut cooldown, &ready, &mut w.turns, now),
+            Err(_) => backends::pick(backends, attempts, &mut cooldown, &ready, &mut [], now),
         }
     }
 
@@ -817,6 +852,7 @@ impl StreamDriver {
 
     fn body_complete(&mut self, host: &mut dyn Host, size: usize) {
         let body = host.request_body(size);
+        self.upstream.request_body_len = body.len();
         let now = host.now_ms();
         self.feed(host, |ex| ex.on_body(body, now));
     }
@@ -855,7 +891,13 @@ impl StreamDriver {
             let now = host.now_ms();
             return self.exchange.as_mut().map_or_else(Vec::new, |ex| ex.on_admission(admission, now));
         }
+        if let Effect::Forward { body, upstream, deadline_ms } = effect {
+            let sent = self.forward(host, &body, &upstream, deadline_ms);
+            let now = host.now_ms();
+            return self.exchange.as_mut().map_or_else(Vec::new, |ex| ex.on_forwarded(sent, now));
+        }
         match effect {
+            Effect::Forward { .. } => Vec::new(),    // carried out above
             Effect::Admit { .. } => Vec::new(),      // carried out above
             Effect::CallGemini { .. } => Vec::new(), // carried out above
             Effect::LookupL1 { key, max_entries, format, hot } => {
@@ -931,6 +973,12 @@ impl StreamDriver {
                 }
                 Vec::new()
             }
+            Effect::Reply(reply) if self.upstream.rewrites_response() => {
+                // Gemini refused a stream: the error goes over its held response.
+                self.replied = true;
+                self.rewrite_response(host, &reply);
+                Vec::new()
+            }
             Effect::Reply(reply) => {
                 if !self.replied {
                     self.replied = true;
@@ -990,9 +1038,24 @@ fn credential_ready(settings: &Settings, host: &dyn Host, k: KeyRef, now: u64) -
 /// credential.
 fn gemini_call(settings: &Settings, host: &dyn Host, k: KeyRef, plan: &CallPlan, timeout_ms: u64) -> HttpCall {
     let backend = settings.backends.list.get(k.backend);
+    let path = backend.map(|b| b.path(&plan.upstream)).unwrap_or_default();
+    upstream_call(settings, host, k, path, plan.body.clone(), timeout_ms)
+}
+
+/// A call to Gemini on key `k`: the backend's cluster and authority, `path`, and the key's
+/// credential.
+fn upstream_call(
+    settings: &Settings,
+    host: &dyn Host,
+    k: KeyRef,
+    path: String,
+    body: Rc<Vec<u8>>,
+    timeout_ms: u64,
+) -> HttpCall {
+    let backend = settings.backends.list.get(k.backend);
     let mut headers = vec![
         (":method".to_string(), "POST".to_string()),
-        (":path".to_string(), backend.map(|b| b.path(&plan.upstream)).unwrap_or_default()),
+        (":path".to_string(), path),
         (":authority".to_string(), backend.map(|b| b.authority.clone()).unwrap_or_default()),
         ("content-type".to_string(), "application/json".to_string()),
         ("x-goog-api-client".to_string(), concat!("gemini-image-filter/", env!("CARGO_PKG_VERSION")).to_string()),
@@ -1006,12 +1069,7 @@ fn gemini_call(settings: &Settings, host: &dyn Host, k: KeyRef, plan: &CallPlan,
         }
         _ => {}
     }
-    HttpCall {
-        cluster: backend.map(|b| b.cluster.clone()).unwrap_or_default(),
-        headers,
-        body: plan.body.clone(),
-        timeout_ms,
-    }
+    HttpCall { cluster: backend.map(|b| b.cluster.clone()).unwrap_or_default(), headers, body, timeout_ms }
 }
 
 /// Compare-and-swap rounds before a bucket update gives up (each loses only to another
@@ -1041,6 +1099,10 @@ impl Drop for StreamDriver {
         self.release();
     }
 }
+
+#[path = "driver_stream.rs"]
+mod streamed;
+pub use streamed::{KEPT_HEADERS, UPSTREAM_HEADER};
 
 #[cfg(test)]
 #[path = "driver_tests.rs"]

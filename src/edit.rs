@@ -165,6 +165,7 @@ impl Inputs {
             safety: req.safety,
             images: &inline,
             closing_text: req.closing_text.as_deref(),
+            include_thoughts: req.wants_thoughts(),
         };
         gemini::request_body(&spec)
     }

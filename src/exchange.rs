@@ -119,6 +119,14 @@ pub enum Effect {
         reserved_bytes: u64,
         deadline_ms: u64,
     },
+    /// Sends the client's own request upstream, rewritten into one `streamGenerateContent`
+    /// call with this body (a streamed request); the driver picks the backend and key as for
+    /// `CallGemini`, then tells `on_forwarded`.
+    Forward {
+        body: Rc<Vec<u8>>,
+        upstream: String,
+        deadline_ms: u64,
+    },
     Reply(Reply),
     Log(LogLine),
     /// Look the key up in L1: the worker's hot set (answer: `on_l1_hot`), then shared data
@@ -192,6 +200,10 @@ enum Phase {
     Admitting(Box<Planned>),
     /// Waiting for the Gemini calls.
     AwaitingGemini(Box<Planned>, Calls),
+    /// A streamed request, waiting for the driver to send it upstream (`Effect::Forward`).
+    Forwarding(Box<Planned>),
+    /// A streamed request upstream: Gemini's answer passes through the filter.
+    Streaming(Box<Planned>, Box<streamed::Streamed>),
     /// Answered, or the client left: every later event is ignored.
     Done,
 }
@@ -547,7 +559,8 @@ impl Exchange {
                     key: key.clone(),
                     max_entries: l1.max_entries,
                     format: planned.req.response_format,
-                    hot: self.url_prefix(&planned.req).is_none(),
+                    // The hot set holds JSON answers: image URLs and streams render their own.
+                    hot: self.url_prefix(&planned.req).is_none() && planned.req.stream.is_none(),
                 };
                 self.phase = Phase::AwaitingL1(planned);
                 vec![effect]
@@ -585,6 +598,7 @@ impl Exchange {
                     safety: req.safety,
                     images: &[],
                     closing_text: None,
+                    include_thoughts: req.wants_thoughts(),
                 };
                 let gemini_body = gemini::request_body(&spec);
                 Ok((req, CallBody::Built(Rc::new(gemini_body))))
@@ -743,6 +757,15 @@ impl Exchange {
 
     fn call_gemini(&mut self, mut planned: Box<Planned>, now_ms: u64) -> Vec<Effect> {
         let body = planned.call_body();
+        if planned.req.stream.is_some() {
+            let effect = Effect::Forward {
+                body,
+                upstream: planned.req.upstream.clone(),
+                deadline_ms: self.started_ms.saturating_add(self.settings.gemini.timeout_ms),
+            };
+            self.phase = Phase::Forwarding(planned);
+            return vec![effect];
+        }
         let req = &planned.req;
         let count = req.n;
         let effect = Effect::CallGemini {
@@ -919,6 +942,16 @@ impl Exchange {
             CacheTier::L2 => cache::verify_untrusted(&entry, planned.req.n, now_s, c.ttl_seconds)
                 .map_err(|_| EntryMiss::Distrusted)?,
         }
+        if let Some(ask) = planned.req.stream {
+            // A stream gets the cached image as its one completed event.
+            let body = match entry.images.first() {
+                Some(image) => streamed::cached_event(&self.event_meta(ask, now_ms), image, entry.usage),
+                None => return Err(EntryMiss::Unreadable),
+            };
+            let images = entry.images.len() as u32;
+            let effects = self.serve_hit(planned, tier, Rc::new(body), images, entry.usage, now_ms);
+            return Ok((effects, entry.created));
+        }
         let entry_expires = cache::expires_at(entry.created, c.ttl_seconds);
         let prefix = self.url_prefix(&planned.req);
         let rendering = match &prefix {
@@ -950,7 +983,10 @@ impl Exchange {
     ) -> Vec<Effect> {
         self.cache_state = CacheState::Hit(tier);
         self.saved_micro = self.price_per_image(&planned.req).saturating_mul(u64::from(images));
-        let headers = self.common_headers();
+        let mut headers = self.common_headers();
+        if planned.req.stream.is_some() {
+            streamed::event_stream_headers(&mut headers);
+        }
         let mut ending = Ending::new(200, Outcome::Success, Some(planned));
         ending.images = images;
         ending.usage = usage;
@@ -1042,6 +1078,8 @@ impl Exchange {
             Phase::Receiving => (None, None),
             Phase::AwaitingL1(p) | Phase::AwaitingL2(p) | Phase::Admitting(p) => (Some(p), None),
             Phase::AwaitingGemini(p, c) => (Some(p), Some(c)),
+            Phase::Forwarding(p) => (Some(p), None),
+            Phase::Streaming(p, s) => return self.stream_cut(p, s, now_ms),
         };
         let mut ending = Ending::new(499, Outcome::ClientClosed, planned.as_deref());
         ending.calls = calls.as_ref();
@@ -1176,6 +1214,10 @@ fn is_json(content_type: Option<&str>) -> bool {
 pub fn has_directive(cache_control: &str, directive: &str) -> bool {
     cache_control.split(',').any(|d| d.split('=').next().unwrap_or("").trim().eq_ignore_ascii_case(directive))
 }
+
+#[path = "exchange_stream.rs"]
+mod streamed;
+pub use streamed::StreamHead;
 
 #[cfg(test)]
 #[path = "exchange_tests.rs"]

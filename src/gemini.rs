@@ -34,6 +34,9 @@ pub struct CallSpec<'a> {
     pub images: &'a [InlineImage<'a>],
     /// Text after the images (the mask instruction).
     pub closing_text: Option<&'a str>,
+    /// Ask for the model's thoughts (a streamed request that wants partial images: Gemini 3
+    /// Pro Image's interim images are thought parts).
+    pub include_thoughts: bool,
 }
 
 /// The JSON body of one call. Written into one buffer, with each image base64-encoded in
@@ -65,11 +68,14 @@ pub fn request_body(spec: &CallSpec) -> Vec<u8> {
     }
     let safety_settings: Vec<_> =
         HARM_CATEGORIES.iter().map(|c| json!({"category": c, "threshold": spec.safety.gemini_threshold()})).collect();
-    let rest = json!({
+    let mut rest = json!({
         "candidateCount": 1,
         "responseModalities": ["TEXT", "IMAGE"],
         "imageConfig": image_config,
     });
+    if spec.include_thoughts {
+        rest["thinkingConfig"] = json!({"includeThoughts": true});
+    }
     out.extend_from_slice(br#"]}],"generationConfig":"#);
     push_json(&mut out, &rest);
     out.extend_from_slice(br#","safetySettings":"#);
@@ -571,6 +577,7 @@ mod tests {
             safety,
             images: &[],
             closing_text: None,
+            include_thoughts: false,
         };
         let b = request_body(&spec("a \"cat\"", Some(AspectRatio::R16x9), Some(ImageSize::K2), SafetyLevel::Medium));
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
@@ -596,6 +603,7 @@ mod tests {
         let b = request_body(&CallSpec {
             images: &images,
             closing_text: Some("mask!"),
+            include_thoughts: false,
             ..spec("edit", None, None, SafetyLevel::Off)
         });
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();

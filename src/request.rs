@@ -83,6 +83,26 @@ pub struct ImageRequest {
     pub inputs: InputDigests,
     /// Text sent after the input images: the mask instruction, when a mask is sent.
     pub closing_text: Option<String>,
+    /// `stream: true`: what the events need (contract section 12).
+    pub stream: Option<StreamAsk>,
+}
+
+impl ImageRequest {
+    /// Whether Gemini is asked for its thoughts: a stream that wants partial images, on a
+    /// model that thinks (Gemini 2.5 Flash Image does not, and makes no interim images).
+    pub fn wants_thoughts(&self) -> bool {
+        self.stream.is_some_and(|s| s.partial_images > 0) && !self.upstream.starts_with("gemini-2.5-flash-image")
+    }
+}
+
+/// What a streamed request asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamAsk {
+    /// At most this many partial images (`partial_images`, 0 to 3; 0 when absent).
+    pub partial_images: u32,
+    /// Echoed in every event, in the values OpenAI's stream events use.
+    pub quality: &'static str,
+    pub background: &'static str,
 }
 
 /// SHA-256 of each input image, in order, and of the mask: what the cache key covers of an
@@ -410,14 +430,54 @@ pub fn parse_fields(
             "background \"transparent\" is not supported: Gemini returns opaque PNG images".into(),
         ));
     }
-    named_field::<Background>(obj, "background", false)?;
-    match field(obj, "stream") {
-        None | Some(Value::Bool(false)) => {}
+    let background = named_field::<Background>(obj, "background", false)?;
+    let partial_images = match field(obj, "partial_images") {
+        None => 0,
+        Some(v) => match v.as_u64() {
+            Some(p) if p <= u64::from(crate::stream::MAX_PARTIAL_IMAGES) => p as u32,
+            _ => {
+                return Err(invalid(
+                    "partial_images",
+                    format!(
+                        "partial_images must be an integer from 0 to {}, got {}",
+                        crate::stream::MAX_PARTIAL_IMAGES,
+                        quote(v)
+                    ),
+                ))
+            }
+        },
+    };
+    let stream = match field(obj, "stream") {
+        None | Some(Value::Bool(false)) => None,
         Some(Value::Bool(true)) => {
-            return Err(invalid("stream", "stream: true is not supported yet; send stream: false or omit it".into()))
+            if endpoint == Endpoint::Variations {
+                return Err(invalid("stream", "variations do not stream; send stream: false or omit it".into()));
+            }
+            if !settings.streaming.enabled {
+                return Err(invalid(
+                    "stream",
+                    "streaming is not enabled on this gateway; send stream: false or omit it".into(),
+                ));
+            }
+            if n != 1 {
+                return Err(invalid("n", format!("a streamed request makes one image: n must be 1, got {n}")));
+            }
+            Some(StreamAsk {
+                partial_images,
+                quality: match quality {
+                    None | Some(Quality::Auto) => "auto",
+                    Some(Quality::Low) => "low",
+                    Some(Quality::Medium) | Some(Quality::Standard) => "medium",
+                    Some(Quality::High) | Some(Quality::Hd) => "high",
+                },
+                background: match background {
+                    Some(Background::Opaque) => "opaque",
+                    _ => "auto",
+                },
+            })
         }
         Some(v) => return Err(invalid("stream", format!("stream must be a boolean, got {}", quote(v)))),
-    }
+    };
     string_field(obj, "user")?;
     string_field(obj, "moderation")?;
     if endpoint != Endpoint::Generations {
@@ -446,6 +506,7 @@ pub fn parse_fields(
         safety,
         inputs: InputDigests::default(),
         closing_text: None,
+        stream,
     })
 }
 
@@ -594,7 +655,13 @@ mod tests {
             (json!({"prompt": "p", "output_format": "webp"}), ErrorCode::InvalidRequest, Some("output_format")),
             (json!({"prompt": "p", "background": "transparent"}), ErrorCode::InvalidRequest, Some("background")),
             (json!({"prompt": "p", "background": "pink"}), ErrorCode::InvalidRequest, Some("background")),
-            (json!({"prompt": "p", "stream": true}), ErrorCode::InvalidRequest, Some("stream")),
+            (json!({"prompt": "p", "stream": true, "n": 2}), ErrorCode::InvalidRequest, Some("n")),
+            (json!({"prompt": "p", "partial_images": 4}), ErrorCode::InvalidRequest, Some("partial_images")),
+            (
+                json!({"prompt": "p", "stream": true, "partial_images": -1}),
+                ErrorCode::InvalidRequest,
+                Some("partial_images"),
+            ),
             (json!({"prompt": "p", "stream": "no"}), ErrorCode::InvalidRequest, Some("stream")),
             (
                 json!({"prompt": "p", "safety_threshold": "EXTREME"}),

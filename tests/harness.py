@@ -349,7 +349,7 @@ class Envoy:
         env.update(env_extra or {})
         cmd = [
             envoy_bin(), "-c", self.config_path, "--concurrency", str(concurrency), "--disable-hot-restart",
-            "--log-level", "warning", "--component-log-level", "wasm:info,main:info",
+            "--log-level", "warning", "--component-log-level", os.environ.get("ENVOY_COMPONENT_LOG", "wasm:info,main:info"),
         ]
         self.admin = "http://127.0.0.1:%d" % self.admin_port
 

@@ -7,8 +7,11 @@ filter accepts (contract sections 9 and 14); no route of any kit reaches the clu
 filter calls, or the Vertex AI and metadata clusters that the kits running in Google Cloud
 carry for a Vertex backend with workload identity (contract sections 11 and 14); every kit
 sends the image URLs (/v1/images/files/, contract section 10) to the filter too, behind the
-same OpenAI-shaped 404 in every Envoy config; and the compose and Kubernetes files name files,
-ports and clusters that exist."""
+same OpenAI-shaped 404 in every Envoy config; every Envoy config lets the filter hold request
+headers (`allow_on_headers_stop_iteration`) and starts every virtual host with the upstream route
+of contract section 14, for the streamed requests the filter rewrites (section 12), while the
+Istio and Envoy Gateway kits, which cannot set that flag, turn streaming off; and the compose and
+Kubernetes files name files, ports and clusters that exist."""
 import copy
 import glob
 import json
@@ -31,6 +34,12 @@ FILTERS_BEFORE = {"profiles.yaml": ["envoy.filters.http.jwt_authn"]}
 # Contract section 14: the one route allowed to pick a cluster from a header, for the requests
 # the filter sends upstream itself; the filter refuses a client request that carries it.
 UPSTREAM_HEADER = "x-gemini-image-filter-upstream"
+# Contract section 12: streaming needs Envoy to let the filter hold request headers while it
+# reads the body (the wasm filter's allow_on_headers_stop_iteration). The Istio and Envoy
+# Gateway kits install the filter through APIs that cannot set that flag, so they turn streaming
+# off in the plugin configuration; every Envoy config sets the flag and keeps streaming on.
+STREAMING_OFF = {"streaming": {"enabled": False}}
+NO_STOP_ITERATION_KITS = ["istio", "envoy-gateway"]
 # Contract sections 1 and 9: the paths the filter answers (POST only; 405 for other methods).
 IMAGE_PATHS = ["/v1/images/generations", "/v1/images/edits", "/v1/images/variations"]
 # Paths next to them that are not the Images API and must not meet the image route.
@@ -76,8 +85,8 @@ KIT_DIFFERENCES = {
     "envoy.yaml": [],
     "compose-envoy.yaml": [],
     "sidecar.yaml": [PRODUCTION],
-    "istio": [PRODUCTION, ISTIO_NAMES],
-    "envoy-gateway": [PRODUCTION],
+    "istio": [PRODUCTION, ISTIO_NAMES, STREAMING_OFF],
+    "envoy-gateway": [PRODUCTION, STREAMING_OFF],
     "profiles.yaml": [POLICY_SECTIONS],
 }
 
@@ -136,8 +145,16 @@ def largest_body(plugin):
     return max(limits["max_body_bytes"], limits["max_upload_bytes"])
 
 
+def is_upstream_route(route):
+    """Whether a route is one that only the filter's own requests meet: it needs the header the
+    filter alone sends (contract section 14)."""
+    return any(h.get("name") == UPSTREAM_HEADER for h in route["match"].get("headers", []))
+
+
 def image_route(listener, vhost=0):
-    return hcm(listener)["route_config"]["virtual_hosts"][vhost]["routes"][0]
+    """The image route of a virtual host: the first a client request can meet, right after the
+    upstream route."""
+    return [r for r in hcm(listener)["route_config"]["virtual_hosts"][vhost]["routes"] if not is_upstream_route(r)][0]
 
 
 def files_route(listener, vhost=0):
@@ -512,6 +529,90 @@ def test_every_kit_buffers_more_than_the_largest_body_the_filter_accepts():
                 kit, what, limit, BODY_LIMIT_ROOM, largest)
 
 
+# --- streaming: the filter's own requests go upstream (contract sections 12 and 14) ---------
+
+UPSTREAM_MATCH = {"prefix": "/", "headers": [{"name": UPSTREAM_HEADER, "present_match": True}]}
+
+
+def check_upstream_routes(listener, where):
+    """A listener that runs the filter starts every virtual host with the contract's upstream
+    route, as scripts/render_envoy.py's upstream_route() gives it, and has no other route on
+    that header or with a cluster from a header."""
+    rc = hcm(listener)["route_config"]
+    assert not changes_filter(rc), where
+    for vh in rc["virtual_hosts"]:
+        first, *rest = vh["routes"]
+        at = where + (vh["name"],)
+        assert first["match"] == UPSTREAM_MATCH, at
+        assert first["route"]["cluster_header"] == UPSTREAM_HEADER, at
+        assert first == render_envoy.upstream_route(), at
+        # The filter stays on there (on the route and its virtual host): it refuses a client
+        # request that carries the header.
+        assert "typed_per_filter_config" not in first and not changes_filter(vh), at
+        assert not [r for r in rest if is_upstream_route(r) or "cluster_header" in r.get("route", {})], at
+
+
+@pytest.mark.parametrize("name", ENVOY_CONFIGS)
+def test_every_envoy_config_routes_the_filters_own_requests_first(name):
+    """Contract sections 12 and 14: every Envoy config lets the filter hold request headers
+    while it reads a streamed request's body (allow_on_headers_stop_iteration), starts every
+    virtual host with the upstream route (the filter's header present; the cluster from that
+    header; no timeout over the whole stream, an idle one at least as long as a Gemini call may
+    take), has a virtual host for any :authority (the rewritten request carries Gemini's, and
+    Envoy picks the route again), and keeps the listener's limit at or above the largest body
+    (with the headers held, the buffer filter no longer raises it)."""
+    doc = envoy_config(name)
+    listeners = [l for l in doc["static_resources"]["listeners"] if runs_filter(l)]
+    assert listeners, name
+    for listener in listeners:
+        where = (name, listener["name"])
+        assert wasm_filter(listener).get("allow_on_headers_stop_iteration") is True, where
+        check_upstream_routes(listener, where)
+        vhosts = hcm(listener)["route_config"]["virtual_hosts"]
+        assert [vh for vh in vhosts if vh["domains"] == ["*"]], where
+        plugin = render_envoy.plugin_config(listener)
+        assert plugin.get("streaming", {}).get("enabled", True) is True, "%s: the flag is there for streaming" % (where,)
+        for vh in vhosts:
+            action = vh["routes"][0]["route"]
+            assert action["timeout"] == "0s", (where, vh["name"], "Envoy's 15 s would cut the stream")
+            assert seconds(action["idle_timeout"]) * 1000 >= plugin["gemini"]["timeout_ms"], (where, vh["name"])
+        assert listener["per_connection_buffer_limit_bytes"] >= plugin["limits"]["max_upload_bytes"], where
+
+
+def test_rendered_configs_keep_the_upstream_route_first():
+    """scripts/render_envoy.py, which tests and `make run` start Envoy with: extra listeners
+    carry the upstream route too, and a route a test adds goes after it (add_route)."""
+    for base in ("envoy.yaml", "profiles.yaml"):
+        doc = render_envoy.render(os.path.join(ENVOY_DIR, base), wasm=WASM, fake_gemini="127.0.0.1:9",
+                                  app="127.0.0.1:9", image_cache="127.0.0.1:9",
+                                  extra_listeners=[("extra", 9, with_plugin(cache=None, urls=None))])
+        main = doc["static_resources"]["listeners"][0]
+        probe = {"match": {"prefix": "/probe"}, "direct_response": {"status": 204}}
+        assert render_envoy.add_route(main, probe) is probe
+        assert hcm(main)["route_config"]["virtual_hosts"][0]["routes"][1] is probe
+        assert len(doc["static_resources"]["listeners"]) == 2
+        for listener in doc["static_resources"]["listeners"]:
+            check_upstream_routes(listener, (base, listener["name"]))
+        assert envoy_route_doors(doc) == [], base
+
+
+def test_kits_that_cannot_hold_request_headers_turn_streaming_off():
+    """The Istio and Envoy Gateway kits install the filter with WasmPlugin and
+    EnvoyExtensionPolicy, which cannot set allow_on_headers_stop_iteration: their plugin
+    configuration turns streaming off (the filter then lets request headers go on and answers
+    `stream: true` with a 400), and they carry no upstream route, which nothing would use. The
+    Envoy configs, which set the flag, keep streaming on (the default)."""
+    plugins = kit_plugins()
+    assert set(NO_STOP_ITERATION_KITS) < set(plugins)
+    for kit in NO_STOP_ITERATION_KITS:
+        assert plugins[kit].get("streaming") == {"enabled": False}, kit
+        for docs in resources_by_kind(kit).values():
+            for d in docs:
+                assert not [x for x in strings_in(d) if UPSTREAM_HEADER in x], (kit, d["metadata"]["name"])
+    for name in ENVOY_CONFIGS:
+        assert plugins[name].get("streaming", {}).get("enabled", True) is True, name
+
+
 # --- no route reaches the filter's clusters (issue 11, contract section 14) ----------------
 
 def values_named_in(plugin, name):
@@ -552,27 +653,58 @@ def strings_in(v):
         yield v
 
 
+def runs_filter(listener):
+    """Whether a listener's HTTP filter chain has the wasm filter."""
+    return any(f["name"] == "envoy.filters.http.wasm" for f in hcm(listener)["http_filters"])
+
+
+def changes_filter(config):
+    """Whether a route, virtual host or route configuration has a per-route config for the wasm
+    filter (one that switches it off, or gives it another plugin)."""
+    return "envoy.filters.http.wasm" in config.get("typed_per_filter_config", {})
+
+
+def strings_but(d, *keys):
+    """Every string value in a dict, at any depth, except under the given top-level keys."""
+    return set(strings_in({k: v for k, v in d.items() if k not in keys}))
+
+
 def envoy_route_doors(doc):
     """Routes of an Envoy config that can send a client request to a cluster the filter calls,
-    or may call (the Vertex AI and metadata clusters, named by no shipped configuration)."""
+    or may call (the Vertex AI and metadata clusters, named by no shipped configuration): a
+    route, virtual host or route configuration that names one anywhere (a route's cluster,
+    weighted clusters, mirrors), a cluster specifier plugin, and a cluster taken from a request
+    header, save the contract's upstream route: first in its virtual host, on the filter's own
+    header, in a listener that runs the filter and with the filter left as it is there (the
+    filter refuses a client request that carries the header)."""
+    listeners = doc["static_resources"]["listeners"]
     forbidden = set(GCP_CLUSTERS.values())
-    for listener in doc["static_resources"]["listeners"]:
-        forbidden |= clusters_named_in(render_envoy.plugin_config(listener))
+    for listener in listeners:
+        if runs_filter(listener):
+            forbidden |= clusters_named_in(render_envoy.plugin_config(listener))
     doors = []
-    for listener in doc["static_resources"]["listeners"]:
-        for vh in hcm(listener)["route_config"]["virtual_hosts"]:
+    for listener in listeners:
+        rc = hcm(listener)["route_config"]
+        if strings_but(rc, "virtual_hosts", "name") & forbidden:
+            doors.append((listener["name"], "route_config", sorted(strings_but(rc, "virtual_hosts", "name") & forbidden)))
+        for vh in rc["virtual_hosts"]:
+            if strings_but(vh, "routes", "name") & forbidden:
+                doors.append((listener["name"], vh["name"], "virtual host", sorted(strings_but(vh, "routes", "name") & forbidden)))
             for i, r in enumerate(vh["routes"]):
                 action = r.get("route", {})
-                targets = {action.get("cluster")} | {c["name"] for c in action.get("weighted_clusters", {}).get("clusters", [])}
-                targets |= {m.get("cluster") for m in action.get("request_mirror_policies", [])}
-                if targets & forbidden:
-                    doors.append((listener["name"], vh["name"], i, sorted(targets & forbidden)))
+                named = strings_but(r, "name") & forbidden
+                if named:
+                    doors.append((listener["name"], vh["name"], i, sorted(named)))
                 if "cluster_specifier_plugin" in action or "inline_cluster_specifier_plugin" in action:
                     doors.append((listener["name"], vh["name"], i, "a cluster specifier plugin"))
                 if "cluster_header" in action:
-                    # Only the contract's upstream route, first, matching the filter's own header.
+                    # Only the contract's upstream route, first, matching the filter's own header,
+                    # where the filter runs as it is to refuse a client that sends it.
                     header = {"name": UPSTREAM_HEADER, "present_match": True}
-                    if not (i == 0 and action["cluster_header"] == UPSTREAM_HEADER and header in r["match"].get("headers", [])):
+                    upstream = (i == 0 and action["cluster_header"] == UPSTREAM_HEADER
+                                and header in r["match"].get("headers", []) and runs_filter(listener)
+                                and not any(changes_filter(c) for c in (r, vh, rc)))
+                    if not upstream:
                         doors.append((listener["name"], vh["name"], i, "cluster_header " + action["cluster_header"]))
     return doors
 
@@ -654,23 +786,50 @@ def test_the_route_check_finds_an_open_door():
     for door in ({"match": {"prefix": "/v1beta/"}, "route": {"cluster": "gemini"}},
                  {"match": {"prefix": FILES_PREFIX}, "route": {"cluster": "image_cache"}},
                  {"match": {"prefix": "/c/"}, "route": {"weighted_clusters": {"clusters": [{"name": "image_cache", "weight": 1}]}}},
-                 {"match": {"prefix": "/x/"}, "route": {"cluster_header": "x-cluster"}}):
+                 {"match": {"prefix": "/x/"}, "route": {"cluster_header": "x-cluster"}},
+                 {"match": {"prefix": "/r/"}, "route": {"cluster": "app", "request_mirror_policies": [{"cluster": "gemini"}]}},
+                 render_envoy.upstream_route()):  # a second upstream route, not first
         bad = copy.deepcopy(doc)
         hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"].insert(1, door)
         assert envoy_route_doors(bad), door
-    allowed = copy.deepcopy(doc)
-    hcm(allowed["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"].insert(0, {
-        "match": {"prefix": "/", "headers": [{"name": UPSTREAM_HEADER, "present_match": True}]},
-        "route": {"cluster_header": UPSTREAM_HEADER, "timeout": "0s"}})
-    assert envoy_route_doors(allowed) == [], "the contract's upstream route"
+    # The contract's upstream route is the one route with cluster_header, and only as shipped:
+    # first, on the filter's own header, with the filter on.
+    assert envoy_route_doors(doc) == [], "the contract's upstream route"
+    filter_off = {"envoy.filters.http.wasm": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+    variants = []
+    bad = copy.deepcopy(doc)  # not first
+    routes = hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"]
+    routes[0], routes[1] = routes[1], routes[0]
+    variants.append(("second", bad))
+    bad = copy.deepcopy(doc)  # another header
+    routes = hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"]
+    routes[0]["match"]["headers"] = [{"name": "x-cluster", "present_match": True}]
+    variants.append(("another header", bad))
+    bad = copy.deepcopy(doc)  # the filter switched off on the route, or on its virtual host
+    hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"] = filter_off
+    variants.append(("filter off on the route", bad))
+    bad = copy.deepcopy(doc)
+    hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["typed_per_filter_config"] = filter_off
+    variants.append(("filter off on the virtual host", bad))
+    bad = copy.deepcopy(doc)  # a listener without the filter (as bench/run.py's plain one) that kept it
+    plain = copy.deepcopy(bad["static_resources"]["listeners"][0])
+    plain["name"] = "plain"
+    hcm(plain)["http_filters"] = [f for f in hcm(plain)["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
+    bad["static_resources"]["listeners"].append(plain)
+    variants.append(("no filter", bad))
+    bad = copy.deepcopy(doc)  # a mirror of every request of a virtual host
+    hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["request_mirror_policies"] = [{"cluster": "image_cache"}]
+    variants.append(("virtual host mirror", bad))
+    for what, bad in variants:
+        assert envoy_route_doors(bad), what
     # The Vertex AI and metadata clusters, which no shipped plugin configuration names.
     doc = envoy_config("sidecar.yaml")
     for door in ({"match": {"prefix": "/computeMetadata/"}, "route": {"cluster": "gce_metadata"}},
                  {"match": {"prefix": "/v1/projects/"}, "route": {"cluster": "vertex"}},
                  {"match": {"prefix": "/m/"}, "route": {"cluster": "app", "request_mirror_policies": [{"cluster": "gce_metadata"}]}}):
         bad = copy.deepcopy(doc)
-        hcm(bad["static_resources"]["listeners"][0])["route_config"]["virtual_hosts"][0]["routes"].insert(0, door)
-        assert envoy_route_doors(bad), door
+        render_envoy.add_route(bad["static_resources"]["listeners"][0], door)  # after the upstream route
+        assert [d[2] for d in envoy_route_doors(bad)] == [1], door  # that route, and it alone
 
     istio = resources_by_kind("istio")
     istio["VirtualService"] = [{"metadata": {"name": "open"}, "spec": {
@@ -854,7 +1013,9 @@ def test_sidecar_keeps_the_filter_and_the_buffer_off_the_apps_routes():
     doc = envoy_config("sidecar.yaml")
     h = hcm(doc["static_resources"]["listeners"][0])
     assert [f["name"] for f in h["http_filters"]] == FILTERS
-    image, files, rest = h["route_config"]["virtual_hosts"][0]["routes"]
+    upstream, image, files, rest = h["route_config"]["virtual_hosts"][0]["routes"]
+    # The filter's own requests: the filter stays on there, to refuse a client that sends the header.
+    assert is_upstream_route(upstream) and "typed_per_filter_config" not in upstream
     assert image["match"] == {"safe_regex": {"regex": "/v1/images/(generations|edits|variations)/?"}}
     assert "typed_per_filter_config" not in image
     # The image URLs: the filter answers them, so it stays on there (and the buffer with it).

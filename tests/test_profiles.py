@@ -126,7 +126,8 @@ PROBE_ROUTE = {
 def wiring(jwt=True, route_profiles=None, probe=False):
     """A doc_hook for harness.Envoy: jwt_authn just before the wasm filter in every listener's
     HTTP filter chain (jwt=True), route metadata naming a profile on every route of the listeners
-    in `route_profiles` ({listener: profile}), and the PROBE_ROUTE first (probe=True)."""
+    in `route_profiles` ({listener: profile}), and the PROBE_ROUTE first after the filter's own
+    upstream route (probe=True)."""
     def hook(doc):
         for listener in doc["static_resources"]["listeners"]:
             hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
@@ -134,7 +135,7 @@ def wiring(jwt=True, route_profiles=None, probe=False):
             if jwt:
                 hcm["http_filters"].insert(names.index("envoy.filters.http.wasm"), jwt_authn_filter())
             if probe:
-                hcm["route_config"]["virtual_hosts"][0]["routes"].insert(0, json.loads(json.dumps(PROBE_ROUTE)))
+                render_envoy.add_route(listener, json.loads(json.dumps(PROBE_ROUTE)))
             profile = (route_profiles or {}).get(listener["name"])
             if profile is not None:
                 for vhost in hcm["route_config"]["virtual_hosts"]:

@@ -139,3 +139,140 @@ pub fn shared_set_cas(key: &str, value: &[u8], cas: Option<u32>) -> bool {
 pub fn shared_set(key: &str, value: &[u8]) -> bool {
     hostcalls::set_shared_data(key, Some(value), None).is_ok()
 }
+
+// The calls a streamed request needs. The SDK's wrappers of these panic on any status but Ok
+// (a header map that is gone, a buffer that is not there): declared here again, so that a
+// refusal is a `false` for the driver, never a VM trap.
+#[link(wasm_import_module = "env")]
+#[allow(clashing_extern_declarations)]
+extern "C" {
+    fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key: *const u8,
+        key_len: usize,
+        value: *const u8,
+        value_len: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key: *const u8, key_len: usize) -> u32;
+    fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, data: *const u8, len: usize) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_len: usize,
+        args: *const u8,
+        args_len: usize,
+        results: *mut *mut u8,
+        results_len: *mut usize,
+    ) -> u32;
+}
+
+const OK: u32 = Status::Ok as u32;
+
+/// The names in a header map (values are not needed); empty when the map is not there.
+fn header_names(map: MapType) -> Vec<String> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host allocates `size` bytes with this module's allocator and hands them over.
+    let serialized = unsafe {
+        if proxy_get_header_map_pairs(map as u32, &mut data, &mut size) != OK || data.is_null() {
+            return Vec::new();
+        }
+        Vec::from_raw_parts(data, size, size)
+    };
+    parse_names(&serialized).unwrap_or_default()
+}
+
+/// Reads the host's map layout: a count, then per pair the key's and value's lengths (u32,
+/// little-endian), then each key and value followed by a NUL. `None` when it does not add up.
+fn parse_names(b: &[u8]) -> Option<Vec<String>> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let bytes: [u8; 4] = b.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(u32::from_le_bytes(bytes) as usize)
+    };
+    let count = u32_at(0)?;
+    let mut lengths = Vec::with_capacity(count.min(1024));
+    for i in 0..count {
+        let at = 4usize.checked_add(i.checked_mul(8)?)?;
+        lengths.push((u32_at(at)?, u32_at(at.checked_add(4)?)?));
+    }
+    let mut at = 4usize.checked_add(count.checked_mul(8)?)?;
+    let mut names = Vec::with_capacity(lengths.len());
+    for (key_len, value_len) in lengths {
+        let key = b.get(at..at.checked_add(key_len)?)?;
+        names.push(String::from_utf8_lossy(key).into_owned());
+        at = at.checked_add(key_len)?.checked_add(1)?.checked_add(value_len)?.checked_add(1)?;
+    }
+    Some(names)
+}
+
+fn set_header(map: MapType, name: &str, value: Option<&str>) -> bool {
+    // SAFETY: pointers and lengths of live slices; the host copies them.
+    unsafe {
+        match value {
+            Some(v) => proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), v.as_ptr(), v.len()) == OK,
+            None => proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) == OK,
+        }
+    }
+}
+
+/// Replaces the first `len` bytes of a body buffer (all the current callback holds) with `body`.
+fn set_body(buffer: BufferType, len: usize, body: &[u8]) -> bool {
+    // SAFETY: a pointer and length of a live slice; the host copies it.
+    unsafe { proxy_set_buffer_bytes(buffer as u32, 0, len, body.as_ptr(), body.len()) == OK }
+}
+
+/// The request on its way upstream: every client header but pseudo-headers and `keep` goes,
+/// `set` is set, the body replaced.
+pub fn forward_request(set: &[(String, String)], keep: &[&str], body_len: usize, body: &[u8]) -> bool {
+    let mut ok = true;
+    for name in header_names(MapType::HttpRequestHeaders) {
+        if !name.starts_with(':') && !keep.contains(&name.as_str()) {
+            ok &= set_header(MapType::HttpRequestHeaders, &name, None);
+        }
+    }
+    for (name, value) in set {
+        ok &= set_header(MapType::HttpRequestHeaders, name, Some(value));
+    }
+    // The route was picked already if anything read it (the profile comes from route
+    // metadata): pick it again for the new path, authority and upstream header.
+    ok &= clear_route_cache();
+    ok && set_body(BufferType::HttpRequestBody, body_len, body)
+}
+
+/// Envoy's foreign function `clear_route_cache`: the route is picked again on its next use.
+fn clear_route_cache() -> bool {
+    let name = "clear_route_cache";
+    let mut results: *mut u8 = std::ptr::null_mut();
+    let mut results_len: usize = 0;
+    // SAFETY: pointers and lengths of live values; a result the host allocates is taken back.
+    unsafe {
+        let status =
+            proxy_call_foreign_function(name.as_ptr(), name.len(), std::ptr::null(), 0, &mut results, &mut results_len);
+        if !results.is_null() {
+            drop(Vec::from_raw_parts(results, results_len, results_len));
+        }
+        status == OK
+    }
+}
+
+pub fn resume_request() -> bool {
+    // SAFETY: no pointers.
+    unsafe { proxy_continue_stream(proxy_wasm::types::StreamType::HttpRequest as u32) == OK }
+}
+
+pub fn response_header(name: &str) -> Option<String> {
+    header(MapType::HttpResponseHeaders, name)
+}
+
+pub fn set_response_header(name: &str, value: Option<&str>) -> bool {
+    set_header(MapType::HttpResponseHeaders, name, value)
+}
+
+pub fn response_body(size: usize) -> Vec<u8> {
+    buffer(BufferType::HttpResponseBody, size)
+}
+
+pub fn set_response_body(len: usize, body: &[u8]) -> bool {
+    set_body(BufferType::HttpResponseBody, len, body)
+}

@@ -71,6 +71,24 @@ impl Host for ProxyHost {
     fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
         calls::shared_set_cas(key, value, cas)
     }
+    fn forward_request(&mut self, set: &[(String, String)], body_len: usize, body: &[u8]) -> bool {
+        calls::forward_request(set, &crate::driver::KEPT_HEADERS, body_len, body)
+    }
+    fn resume_request(&mut self) -> bool {
+        calls::resume_request()
+    }
+    fn response_header(&self, name: &str) -> Option<String> {
+        calls::response_header(name)
+    }
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) -> bool {
+        calls::set_response_header(name, value)
+    }
+    fn response_body(&self, size: usize) -> Vec<u8> {
+        calls::response_body(size)
+    }
+    fn set_response_body(&mut self, len: usize, body: &[u8]) -> bool {
+        calls::set_response_body(len, body)
+    }
     fn log(&mut self, level: LogLevel, message: &str) {
         calls::log(level, message)
     }
@@ -157,6 +175,14 @@ impl HttpContext for Stream {
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         action(self.driver.on_request_trailers(&mut self.host))
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        action(self.driver.on_response_headers(&mut self.host, end_of_stream))
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(self.driver.on_response_body(&mut self.host, body_size, end_of_stream))
     }
 
     fn on_log(&mut self) {
