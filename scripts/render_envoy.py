@@ -43,6 +43,7 @@ def upstream_route():
         "name": UPSTREAM_ROUTE_NAME,
         "match": {"prefix": "/", "headers": [{"name": UPSTREAM_HEADER, "present_match": True}]},
         "route": {"cluster_header": UPSTREAM_HEADER, "timeout": "0s", "idle_timeout": "300s"},
+        "request_headers_to_remove": [UPSTREAM_HEADER],
     }
 
 

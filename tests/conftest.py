@@ -37,6 +37,7 @@ LISTENER_CONFIGS = {
     "policy": with_plugin(safety={"default": "MEDIUM", "minimum": "LOW"}, limits={"max_n": 10, "max_image_size": "2K", "max_prompt_chars": 100}),
     "locked": with_plugin(safety={"default": "HIGH", "allow_request_override": False}),
     "inline": with_plugin(urls=None),
+    "nostream": with_plugin(streaming={"enabled": False}),
 }
 
 

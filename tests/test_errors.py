@@ -59,7 +59,7 @@ def test_invalid_request_bodies(client, raw, ctype):
 @pytest.mark.parametrize("field,value", [
     ("n", 0), ("n", 5), ("n", "two"), ("size", "3000x1000"), ("size", "big"), ("quality", "ultra"),
     ("style", "cubist"), ("response_format", "jpeg"), ("output_format", "webp"), ("background", "transparent"),
-    ("stream", True), ("safety_threshold", "EXTREME"), ("image_size", "8K"), ("aspect_ratio", "7:3"),
+    ("stream", "yes"), ("partial_images", 4), ("safety_threshold", "EXTREME"), ("image_size", "8K"), ("aspect_ratio", "7:3"),
 ])
 def test_each_bad_field_is_named(client, field, value):
     check(client.post({"prompt": unique(), field: value}), "IMG_INVALID_REQUEST", param=field)
