@@ -257,6 +257,15 @@ def test_gemini_refusing_the_stream_is_the_usual_json_error(envoy, sdk, fake, ma
     assert raised.value.code == code
 
 
+def test_a_connection_reset_before_the_stream_is_a_network_error(envoy, fake):
+    prompt = unique("reset [fake:reset]")
+    s = stream(envoy, {"prompt": prompt, "stream": True})
+    assert s.status == 502, s.body
+    assert json.loads(s.body)["error"]["code"] == "IMG_NETWORK_ERROR"
+    (line,) = wait_for(lambda: log_lines(envoy, s.headers["x-image-prompt-hash"]))
+    assert (line["status"], line["code"]) == (502, "IMG_NETWORK_ERROR")
+
+
 def test_a_gemini_that_does_not_answer_in_time_is_a_504_before_the_stream(envoy, fake):
     # The `slow` listener allows Gemini 1.5 s; the router's timeout for the stream is what is
     # left of it.
@@ -292,6 +301,8 @@ def test_a_mid_stream_gemini_error_ends_the_stream_with_an_error_event(envoy, sd
     ("[fake:noimage]", "IMG_NO_IMAGE"),
     ("[fake:garbage]", "IMG_UPSTREAM_ERROR"),
     ("[fake:empty]", "IMG_NO_IMAGE"),
+    ("[fake:truncated]", "IMG_UPSTREAM_ERROR"),
+    ("[fake:badb64]", "IMG_UPSTREAM_ERROR"),
 ])
 def test_blocks_and_unreadable_streams_end_with_an_error_event(envoy, fake, marker, code):
     prompt = unique("ends badly %s" % marker)
