@@ -83,7 +83,7 @@ lint:
 # Fuzzing (nightly, cargo-fuzz): each target for FUZZ_SECONDS, with per-input time and memory
 # limits, so slow or unbounded inputs fail too. New corpus entries land in fuzz/corpus/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := request_parser gemini_reader entry_decoder l2_response config multipart files stream
+FUZZ_TARGETS := request_parser gemini_reader entry_decoder l2_response config multipart files flight stream
 fuzz:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal

@@ -9,6 +9,7 @@ use gemini_image_filter::config::{Settings, MAX_TTL_SECONDS};
 use gemini_image_filter::endpoint::Endpoint;
 use gemini_image_filter::exchange::{Effect, Exchange, Reply, RequestHead};
 use gemini_image_filter::files::{self, Record};
+use gemini_image_filter::flight::{self, Join, Outlook};
 use gemini_image_filter::gemini::{is_base64, read_call, CallResponse};
 use gemini_image_filter::image_type::{dimensions, png_info, ImageType};
 use gemini_image_filter::multipart;
@@ -245,4 +246,38 @@ pub fn check_stream(data: &[u8]) {
         ended = ty == "error" || ty.ends_with(".completed");
     }
     assert!(text.is_empty() || text.ends_with("\n\n"), "whole events only");
+}
+
+/// The coalescing lease decoder and the decisions read from a slot: whatever bytes a slot holds
+/// (another version, a torn write), a lease or `None`, never a panic; a lease read back writes
+/// back byte for byte; `join`, `outlook` and `finish` on those bytes answer, and whatever they
+/// write reads back as a lease.
+pub fn check_flight(data: &[u8]) {
+    let decoded = flight::decode(data);
+    if let Some(lease) = &decoded {
+        let again = flight::encode(lease);
+        assert_eq!(flight::decode(&again).as_ref(), Some(lease));
+        assert_eq!(again, data, "one encoding per lease");
+        if let flight::State::Failed { status, body, .. } = &lease.state {
+            assert!((400..=599).contains(status) && body.len() <= flight::MAX_ERROR_BYTES);
+        }
+    }
+    let key = decoded.as_ref().map_or("img:k", |l| l.key.as_str());
+    let (flight_id, expiry) = decoded.as_ref().map_or((1, 0), |l| (l.flight, l.expires_at_ms));
+    for now in [0, expiry.saturating_sub(1), expiry, u64::MAX] {
+        for k in [key, "img:k"] {
+            match flight::join(Some(data), k, 2, now, 30_000) {
+                Join::Lead(value) => assert!(flight::decode(&value).is_some()),
+                Join::Follow { flight, expires_at_ms } => assert!(flight == flight_id && now < expires_at_ms),
+                Join::Alone => assert!(decoded.is_some()),
+            }
+            if let Outlook::Waiting | Outlook::Ready | Outlook::Failed { .. } = flight::outlook(Some(data), k, flight_id, now) {
+                assert!(decoded.is_some());
+            }
+            let end = flight::State::Failed { status: 503, retry_after_s: None, body: data.to_vec() };
+            if let Some(value) = flight::finish(Some(data), k, flight_id, end, now, 2_000) {
+                assert!(flight::decode(&value).is_some(), "an over-long body is written as a generic error");
+            }
+        }
+    }
 }

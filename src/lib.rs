@@ -16,6 +16,7 @@ pub mod endpoint;
 pub mod error;
 pub mod exchange;
 pub mod files;
+pub mod flight;
 pub mod gemini;
 pub mod geometry;
 pub mod hash;

@@ -52,6 +52,11 @@ fn files_corpus() {
 }
 
 #[test]
+fn flight_corpus() {
+    replay("flight", check_flight);
+}
+
+#[test]
 fn stream_corpus() {
     replay("stream", check_stream);
 }
