@@ -298,8 +298,7 @@ impl Default for RawStyles {
 #[serde(deny_unknown_fields, default)]
 struct RawCache {
     ttl_seconds: u64,
-    /// Accepted: coalescing of identical misses in flight (contract section 7) is not built
-    /// yet, so both values mean the same today.
+    /// Coalescing of identical misses in flight (contract section 7); it needs L1.
     coalesce: bool,
     l1: Option<RawL1>,
     l2: Option<RawL2>,
@@ -435,6 +434,9 @@ pub struct StreamingSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheSettings {
     pub ttl_seconds: u64,
+    /// Identical misses in flight wait for one generation (`cache.coalesce` with L1 on: the
+    /// leases that make it work across workers live in shared data, beside L1).
+    pub coalesce: bool,
     pub l1: Option<L1Settings>,
     pub l2: Option<L2Settings>,
 }
@@ -854,7 +856,8 @@ impl Settings {
                         })
                     }
                 };
-                Some(CacheSettings { ttl_seconds: c.ttl_seconds, l1, l2 })
+                let coalesce = c.coalesce && l1.is_some();
+                Some(CacheSettings { ttl_seconds: c.ttl_seconds, coalesce, l1, l2 })
             }
         };
 
@@ -1366,8 +1369,12 @@ mod tests {
         assert_eq!(warned.len(), 3, "2K, 4K and flash's 1K: {warned:?}");
         let e = Settings::from_json(br#"{"pricing": {"gemini-3-pro-image": {"1K": -1}}}"#, &no_env).unwrap_err();
         assert!(e.to_string().contains("pricing.gemini-3-pro-image.1K"), "{e}");
-        let s = Settings::from_json(br#"{"cache": {"coalesce": false}}"#, &no_env).unwrap();
-        assert!(s.cache.is_some());
+        let s = Settings::from_json(br#"{"cache": {"coalesce": false, "l1": {}}}"#, &no_env).unwrap();
+        assert!(!s.cache.unwrap().coalesce);
+        let s = Settings::from_json(br#"{"cache": {"l1": {}}}"#, &no_env).unwrap();
+        assert!(s.cache.unwrap().coalesce, "on by default with L1");
+        let s = Settings::from_json(br#"{"cache": {"l2": {}}}"#, &no_env).unwrap();
+        assert!(!s.cache.unwrap().coalesce, "off without L1");
     }
 
     #[test]

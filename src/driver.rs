@@ -61,6 +61,9 @@ pub trait Host {
     fn forward_request(&mut self, set: &[(String, String)], body_len: usize, body: &[u8]) -> bool;
     /// Lets a held request go on (after `forward_request` outside a request callback).
     fn resume_request(&mut self) -> bool;
+    /// Asks for the root's tick as soon as possible (coalescing: the root sends a leader's
+    /// calls and looks at followers' leases).
+    fn wake_root(&mut self);
     /// A response header; readable during the response callbacks.
     fn response_header(&self, name: &str) -> Option<String>;
     /// Sets (or with `None` removes) a response header, while the headers are not yet sent.
@@ -462,6 +465,9 @@ const MIN_ATTEMPT_MS: u64 = 250;
 
 struct PendingCall {
     token: u32,
+    /// Dispatched by the root (a flight leader's call): answered through the root, and kept
+    /// going if the client leaves.
+    root_owned: bool,
     kind: CallKind,
     sent_ms: u64,
     timeout_ms: u64,
@@ -485,6 +491,8 @@ pub struct StreamDriver {
     plan: Option<CallPlan>,
     /// A streamed request: where it went and what its response is (`driver_stream.rs`).
     upstream: streamed::Upstream,
+    /// Its part in a flight of identical misses (`driver_flight.rs`).
+    flight: flights::FlightSeat,
 }
 
 impl StreamDriver {
@@ -499,6 +507,7 @@ impl StreamDriver {
             held: None,
             plan: None,
             upstream: streamed::Upstream::default(),
+            flight: flights::FlightSeat::default(),
         }
     }
 
@@ -739,6 +748,9 @@ impl StreamDriver {
         mut last: Option<CallOutcome>,
     ) -> Vec<Effect> {
         let Some(plan) = self.plan.clone() else { return Vec::new() };
+        if self.defer_attempt(host, index, &attempts, &last) {
+            return Vec::new(); // the root sends it on its next tick, at once
+        }
         let settings = self.settings.clone();
         let backends = &settings.backends;
         let max = backends.retry.map_or(1, |r| r.max_attempts);
@@ -770,6 +782,7 @@ impl StreamDriver {
                 Ok(token) => {
                     self.pending.push(PendingCall {
                         token,
+                        root_owned: self.flight.in_root,
                         kind: CallKind::Gemini { index, key, attempts },
                         sent_ms: now,
                         timeout_ms: call.timeout_ms,
@@ -841,11 +854,15 @@ impl StreamDriver {
 
     /// The stream ends; a request still unanswered was abandoned by its client.
     pub fn on_log(&mut self, host: &mut dyn Host) {
+        if self.detach_if_leading() {
+            return; // goes on for those waiting; the root finishes it
+        }
         let now = host.now_ms();
         if let Some(fetch) = self.fetch.as_mut() {
             let effects = fetch.on_abandoned(now);
             self.run(host, effects);
         }
+        self.note_stream_cut(host);
         self.feed(host, |ex| ex.on_abandoned(now));
         self.release();
     }
@@ -874,6 +891,7 @@ impl StreamDriver {
         }
         if self.exchange.as_ref().is_some_and(Exchange::is_done) {
             self.release();
+            self.finish_flight(host);
         }
     }
 
@@ -891,6 +909,11 @@ impl StreamDriver {
             let now = host.now_ms();
             return self.exchange.as_mut().map_or_else(Vec::new, |ex| ex.on_admission(admission, now));
         }
+        if let Effect::JoinFlight { key, lease_ms } = effect {
+            let role = self.join_flight(host, &key, lease_ms);
+            let now = host.now_ms();
+            return self.exchange.as_mut().map_or_else(Vec::new, |ex| ex.on_flight(role, now));
+        }
         if let Effect::Forward { body, upstream, deadline_ms } = effect {
             let sent = self.forward(host, &body, &upstream, deadline_ms);
             let now = host.now_ms();
@@ -898,6 +921,7 @@ impl StreamDriver {
         }
         match effect {
             Effect::Forward { .. } => Vec::new(),    // carried out above
+            Effect::JoinFlight { .. } => Vec::new(), // carried out above
             Effect::Admit { .. } => Vec::new(),      // carried out above
             Effect::CallGemini { .. } => Vec::new(), // carried out above
             Effect::LookupL1 { key, max_entries, format, hot } => {
@@ -946,6 +970,7 @@ impl StreamDriver {
                     Ok(token) => {
                         self.pending.push(PendingCall {
                             token,
+                            root_owned: self.flight.in_root,
                             kind: CallKind::CacheGet,
                             sent_ms,
                             timeout_ms: call.timeout_ms,
@@ -977,6 +1002,11 @@ impl StreamDriver {
                 // Gemini refused a stream: the error goes over its held response.
                 self.replied = true;
                 self.rewrite_response(host, &reply);
+                Vec::new()
+            }
+            Effect::Reply(_) if self.flight.detached => {
+                // A leader whose client left: nobody to answer.
+                self.replied = true;
                 Vec::new()
             }
             Effect::Reply(reply) => {
@@ -1099,6 +1129,10 @@ impl Drop for StreamDriver {
         self.release();
     }
 }
+
+#[path = "driver_flight.rs"]
+mod flights;
+pub use flights::FOLLOW_POLL_MS;
 
 #[path = "driver_stream.rs"]
 mod streamed;

@@ -11,7 +11,7 @@ use crate::backends::{Cooldown, KeyRef};
 use crate::metrics::{AttemptOutcome, CacheTier};
 use crate::test_support::{error_response, ok_response};
 
-const NOW_MS: u64 = 1_000_000;
+pub(super) const NOW_MS: u64 = 1_000_000;
 /// The first bytes of a PNG, in base64: what an L2 entry's images must start with.
 const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAA";
 
@@ -52,6 +52,8 @@ pub struct MemoryHost {
     /// What the request became when forwarded upstream (headers set, body), and resumes.
     pub forwarded: Vec<Forwarded>,
     pub resumes: u32,
+    /// Times a stream asked for the root's tick at once.
+    pub root_wakes: u32,
     /// The response as the filter sees and leaves it: headers, and the body pieces it wrote.
     pub response_headers: Vec<(String, String)>,
     pub response_chunk: Vec<u8>,
@@ -59,6 +61,11 @@ pub struct MemoryHost {
 }
 
 impl MemoryHost {
+    /// Shared data but the flights' leases (coalescing): what the cache holds.
+    pub fn cached(&self) -> Vec<&String> {
+        self.shared.keys().filter(|k| !k.starts_with("gemini_image.flight.")).collect()
+    }
+
     /// Makes `response` the answer being delivered; returns (num_headers, body_size) as Envoy
     /// passes them to the callback.
     pub fn deliver(&mut self, response: &CallResponse) -> (usize, usize) {
@@ -145,6 +152,9 @@ impl Host for MemoryHost {
         self.resumes += 1;
         true
     }
+    fn wake_root(&mut self) {
+        self.root_wakes += 1;
+    }
     fn response_header(&self, name: &str) -> Option<String> {
         self.response_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
@@ -202,15 +212,15 @@ type Answer = Box<dyn FnMut(&HttpCall) -> CallResponse>;
 
 /// One worker: a root driver configured with `config`, a memory host, and answers for the
 /// Gemini and cache-service clusters.
-struct Gateway {
-    root: WorkerDriver,
-    host: MemoryHost,
+pub(super) struct Gateway {
+    pub(super) root: WorkerDriver,
+    pub(super) host: MemoryHost,
     gemini: Box<dyn FnMut() -> CallResponse>,
     l2: Box<dyn FnMut(&HttpCall) -> CallResponse>,
     /// The status the cache service answers writes with.
     l2_put_status: Option<u32>,
-    gemini_calls: u32,
-    l2_writes: Vec<HttpCall>,
+    pub(super) gemini_calls: u32,
+    pub(super) l2_writes: Vec<HttpCall>,
     /// Answers Gemini calls by what they carry (backend, key), when set; else `gemini`.
     upstream: Option<Answer>,
     /// Every Gemini call made, in order.
@@ -220,7 +230,8 @@ struct Gateway {
     token_fetches: Vec<HttpCall>,
 }
 
-const CACHED: &str = r#"{"cache": {"ttl_seconds": 60, "l1": {"max_entries": 4, "max_entry_bytes": 100000}, "l2": {}}}"#;
+pub(super) const CACHED: &str =
+    r#"{"cache": {"ttl_seconds": 60, "l1": {"max_entries": 4, "max_entry_bytes": 100000}, "l2": {}}}"#;
 
 fn env(k: &str) -> Option<String> {
     match k {
@@ -232,7 +243,7 @@ fn env(k: &str) -> Option<String> {
 }
 
 impl Gateway {
-    fn new(config: &str) -> Gateway {
+    pub(super) fn new(config: &str) -> Gateway {
         let mut host = MemoryHost::default();
         let mut root = WorkerDriver::default();
         root.configure(&mut host, config.as_bytes(), &env).expect("a valid config");
@@ -256,13 +267,18 @@ impl Gateway {
         }
     }
 
-    fn worker(&self) -> Rc<RefCell<Worker>> {
+    pub(super) fn worker(&self) -> Rc<RefCell<Worker>> {
         self.root.worker.clone()
     }
 
     /// Answers every call-out in flight, and those they lead to.
-    fn answer_calls(&mut self, stream: &mut StreamDriver) {
+    pub(super) fn answer_calls(&mut self, stream: &mut StreamDriver) {
         loop {
+            // As the host glue does: the root's tick sends a flight leader's calls, and looks
+            // at a follower's lease.
+            if stream.is_parked() {
+                stream.on_root_tick(&mut self.host);
+            }
             let pending = std::mem::take(&mut self.host.dispatched);
             if pending.is_empty() {
                 break;
@@ -279,13 +295,17 @@ impl Gateway {
                     }
                 };
                 let (headers, size) = self.host.deliver(&response);
-                stream.on_call_response(&mut self.host, token, headers, size);
+                if stream.is_parked() && stream.owns_call(token) {
+                    stream.on_root_call_response(&mut self.host, token, headers, size);
+                } else {
+                    stream.on_call_response(&mut self.host, token, headers, size);
+                }
             }
         }
     }
 
     /// The root's tick: sends queued cache writes and hands them their answers.
-    fn tick(&mut self) {
+    pub(super) fn tick(&mut self) {
         self.root.on_tick(&mut self.host);
         for (token, call) in std::mem::take(&mut self.host.dispatched) {
             let response = if call.cluster == "metadata" {
@@ -342,7 +362,7 @@ impl Gateway {
     }
 }
 
-fn post_headers() -> Vec<(String, String)> {
+pub(super) fn post_headers() -> Vec<(String, String)> {
     vec![
         (":path".into(), "/v1/images/generations".into()),
         (":method".into(), "POST".into()),
@@ -350,7 +370,7 @@ fn post_headers() -> Vec<(String, String)> {
     ]
 }
 
-fn json_of(r: &Reply) -> Value {
+pub(super) fn json_of(r: &Reply) -> Value {
     serde_json::from_slice(&r.body).unwrap()
 }
 
@@ -517,7 +537,7 @@ fn a_refused_data_write_leaves_the_slot_meta_alone() {
     let mut gw = Gateway::new(r#"{"cache": {"l1": {"max_entries": 1}}}"#);
     gw.host.refused_shared_keys.push("gemini_image.l1.0.data".into());
     gw.request(json!({"prompt": "p"}), None);
-    assert!(gw.host.shared.is_empty(), "no meta without its data");
+    assert!(gw.host.cached().is_empty(), "no meta without its data");
 }
 
 #[test]
@@ -641,18 +661,18 @@ fn partial_results_and_errors_are_never_stored() {
     });
     let r = gw.request(json!({"prompt": "p", "n": 2}), None);
     assert_eq!(r.header("x-images-failed"), Some("1"));
-    assert!(gw.host.shared.is_empty() && gw.l2_writes.is_empty());
+    assert!(gw.host.cached().is_empty() && gw.l2_writes.is_empty());
     assert_eq!(gw.log()["outcome"], "partial", "the log says what the metric says");
     gw.gemini = Box::new(|| error_response(429, "RESOURCE_EXHAUSTED"));
     assert_eq!(gw.request(json!({"prompt": "p2"}), None).status, 429);
-    assert!(gw.host.shared.is_empty() && gw.l2_writes.is_empty());
+    assert!(gw.host.cached().is_empty() && gw.l2_writes.is_empty());
 }
 
 #[test]
 fn entries_over_max_entry_bytes_skip_l1_but_reach_l2() {
     let mut gw = Gateway::new(r#"{"cache": {"l1": {"max_entries": 4, "max_entry_bytes": 10}, "l2": {}}}"#);
     gw.request(json!({"prompt": "p"}), None);
-    assert!(gw.host.shared.is_empty());
+    assert!(gw.host.cached().is_empty());
     assert_eq!(gw.l2_writes.len(), 1);
     assert_eq!(gw.counted(Counter::CacheL1TooLarge), 1);
 }
@@ -664,7 +684,7 @@ fn a_store_over_another_live_entry_counts_an_eviction() {
     assert_eq!(gw.counted(Counter::CacheL1Evictions), 0);
     gw.request(json!({"prompt": "second"}), None);
     assert_eq!(gw.counted(Counter::CacheL1Evictions), 1);
-    assert_eq!(gw.host.shared.len(), 2, "one slot: meta and data, whatever the traffic");
+    assert_eq!(gw.host.cached().len(), 2, "one slot: meta and data, whatever the traffic");
     assert_eq!(gw.request(json!({"prompt": "second"}), None).header("x-image-cache"), Some("hit-l1"));
 }
 
@@ -883,7 +903,7 @@ fn a_stream_that_vanishes_gives_its_budget_back() {
 
 // ---- backends, keys, cool-downs and retries ----
 
-const TWO_KEYS_AND_VERTEX: &str = r#"{"backends": [
+pub(super) const TWO_KEYS_AND_VERTEX: &str = r#"{"backends": [
     {"name": "studio", "kind": "gemini", "cluster": "gemini", "api_key_envs": ["K1", "K2"]},
     {"name": "vertex", "kind": "vertex", "cluster": "vertex", "project": "proj", "location": "us-central1",
      "auth": {"api_key_env": "VK"}}],

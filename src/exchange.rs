@@ -119,6 +119,13 @@ pub enum Effect {
         reserved_bytes: u64,
         deadline_ms: u64,
     },
+    /// Leads, follows or skips the generation in flight for this key, across workers (the
+    /// driver answers with `on_flight`).
+    JoinFlight {
+        key: CacheKey,
+        /// How long a new lease lives: the leader's deadline and a margin.
+        lease_ms: u64,
+    },
     /// Sends the client's own request upstream, rewritten into one `streamGenerateContent`
     /// call with this body (a streamed request); the driver picks the backend and key as for
     /// `CallGemini`, then tells `on_forwarded`.
@@ -200,6 +207,11 @@ enum Phase {
     Admitting(Box<Planned>),
     /// Waiting for the Gemini calls.
     AwaitingGemini(Box<Planned>, Calls),
+    /// A miss asking to lead, follow or skip an identical request's generation in flight
+    /// (`Effect::JoinFlight`).
+    Joining(Box<Planned>),
+    /// Following an identical request's generation in flight, until its outcome.
+    Waiting(Box<Planned>),
     /// A streamed request, waiting for the driver to send it upstream (`Effect::Forward`).
     Forwarding(Box<Planned>),
     /// A streamed request upstream: Gemini's answer passes through the filter.
@@ -342,6 +354,7 @@ pub fn answer_estimate(image_size: Option<ImageSize>) -> u64 {
 }
 
 /// How a finished request is reported: its log line and metrics.
+#[derive(Clone, Copy)]
 struct Ending<'a> {
     status: u32,
     outcome: Outcome,
@@ -385,6 +398,9 @@ pub struct Exchange {
     saved_micro: u64,
     /// 128 random bits for this answer's image URLs (when the gateway serves them).
     url_token: Option<String>,
+    /// Coalescing (`exchange_flight.rs`): this request leads a generation others may wait for,
+    /// was answered by one, and how the one it leads ended.
+    flight: exchange_flight::FlightPart,
 }
 
 /// What the worker said to a request that asked to make Gemini calls.
@@ -415,12 +431,18 @@ impl Exchange {
             cost_micro: 0,
             saved_micro: 0,
             url_token: None,
+            flight: exchange_flight::FlightPart::default(),
             settings,
         }
     }
 
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
+    }
+
+    /// When the request began (its headers), in milliseconds.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
     }
 
     /// Gives the exchange the random token its image URLs are named with.
@@ -667,7 +689,7 @@ impl Exchange {
                 self.phase = Phase::AwaitingL2(planned);
                 vec![Effect::CallL2(call)]
             }
-            _ => self.admit(planned),
+            _ => self.join_or_admit(planned),
         }
     }
 
@@ -689,7 +711,7 @@ impl Exchange {
             Some(404) => {}
             _ => effects.push(Effect::Count(Counter::CacheL2Errors, 1)),
         }
-        effects.extend(self.admit(planned));
+        effects.extend(self.join_or_admit(planned));
         effects
     }
 
@@ -850,6 +872,11 @@ impl Exchange {
         // Only complete successes are stored in the cache.
         let (stores, in_cache) =
             if failed == 0 { self.store(planned, &images, usage, created) } else { (Vec::new(), false) };
+        self.flight.led(if in_cache {
+            exchange_flight::FlightEnd::Stored
+        } else {
+            exchange_flight::FlightEnd::Unstored
+        });
         // Image URLs point at the cache entry, or at an entry of their own when the answer is
         // not cached; when neither tier can hold one, the images go inline after all.
         let prefix = self.url_prefix(req);
@@ -981,7 +1008,7 @@ impl Exchange {
         usage: Option<Usage>,
         now_ms: u64,
     ) -> Vec<Effect> {
-        self.cache_state = CacheState::Hit(tier);
+        self.cache_state = if self.flight.coalesced { CacheState::Coalesced } else { CacheState::Hit(tier) };
         self.saved_micro = self.price_per_image(&planned.req).saturating_mul(u64::from(images));
         let mut headers = self.common_headers();
         if planned.req.stream.is_some() {
@@ -992,7 +1019,8 @@ impl Exchange {
         ending.usage = usage;
         let mut effects = vec![Effect::Reply(Reply { status: 200, headers, body })];
         effects.extend(self.report(&ending, now_ms));
-        effects.push(Effect::Count(Counter::CacheHits(tier), 1));
+        effects
+            .push(Effect::Count(if self.flight.coalesced { Counter::Coalesced } else { Counter::CacheHits(tier) }, 1));
         effects.push(Effect::Count(Counter::Images, u64::from(images)));
         effects
     }
@@ -1078,7 +1106,7 @@ impl Exchange {
             Phase::Receiving => (None, None),
             Phase::AwaitingL1(p) | Phase::AwaitingL2(p) | Phase::Admitting(p) => (Some(p), None),
             Phase::AwaitingGemini(p, c) => (Some(p), Some(c)),
-            Phase::Forwarding(p) => (Some(p), None),
+            Phase::Forwarding(p) | Phase::Joining(p) | Phase::Waiting(p) => (Some(p), None),
             Phase::Streaming(p, s) => return self.stream_cut(p, s, now_ms),
         };
         let mut ending = Ending::new(499, Outcome::ClientClosed, planned.as_deref());
@@ -1105,8 +1133,13 @@ impl Exchange {
             headers.push(("retry-after".to_string(), secs.to_string()));
         }
         ending.error = Some(e.code);
-        let mut effects =
-            vec![Effect::Reply(Reply { status: ending.status, headers, body: Rc::new(openai::error_body(&e)) })];
+        let body = Rc::new(openai::error_body(&e));
+        self.flight.led(exchange_flight::FlightEnd::Failed {
+            status: ending.status,
+            retry_after_s: e.retry_after,
+            body: body.to_vec(),
+        });
+        let mut effects = vec![Effect::Reply(Reply { status: ending.status, headers, body })];
         effects.extend(self.report(&ending, now_ms));
         effects.push(Effect::Count(Counter::Errors(e.code), 1));
         if let (ErrorCode::SafetyBlocked, Some(level)) = (e.code, self.known.safety) {
@@ -1118,6 +1151,13 @@ impl Exchange {
     /// The log line, and the counters and histogram every finished request updates.
     fn report(&mut self, ending: &Ending, now_ms: u64) -> Vec<Effect> {
         self.phase = Phase::Done;
+        // A leader whose client left goes on for those waiting on it; its own line says the
+        // client closed.
+        let mut ending = *ending;
+        if self.flight.client_gone {
+            (ending.status, ending.outcome) = (499, Outcome::ClientClosed);
+        }
+        let ending = &ending;
         let level = match (ending.error.map(ErrorCode::category), ending.outcome) {
             (Some(Category::UserError), _) | (None, Outcome::ClientClosed) => LogLevel::Warn,
             (Some(_), _) => LogLevel::Error,
@@ -1215,9 +1255,13 @@ pub fn has_directive(cache_control: &str, directive: &str) -> bool {
     cache_control.split(',').any(|d| d.split('=').next().unwrap_or("").trim().eq_ignore_ascii_case(directive))
 }
 
+#[path = "exchange_flight.rs"]
+mod exchange_flight;
+pub use exchange_flight::{FlightEnd, FlightNews, FlightRole};
+
 #[path = "exchange_stream.rs"]
 mod streamed;
-pub use streamed::StreamHead;
+pub use streamed::{StreamCut, StreamHead};
 
 #[cfg(test)]
 #[path = "exchange_tests.rs"]

@@ -43,11 +43,18 @@ pub enum CacheState {
     /// The client said `no-store`.
     Bypass,
     Hit(CacheTier),
+    /// Waited for an identical request's generation in flight and got its answer.
+    Coalesced,
 }
 
 impl Named for CacheState {
-    const ALL: &'static [Self] =
-        &[CacheState::Miss, CacheState::Bypass, CacheState::Hit(CacheTier::L1), CacheState::Hit(CacheTier::L2)];
+    const ALL: &'static [Self] = &[
+        CacheState::Miss,
+        CacheState::Bypass,
+        CacheState::Hit(CacheTier::L1),
+        CacheState::Hit(CacheTier::L2),
+        CacheState::Coalesced,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -55,6 +62,7 @@ impl Named for CacheState {
             CacheState::Bypass => "bypass",
             CacheState::Hit(CacheTier::L1) => "hit-l1",
             CacheState::Hit(CacheTier::L2) => "hit-l2",
+            CacheState::Coalesced => "coalesced",
         }
     }
 }
@@ -113,6 +121,13 @@ pub enum Counter {
     RateLimited(String),
     /// Fetches of image URLs by how they ended.
     FileFetches(FetchResult),
+    /// Requests answered by an identical request's generation in flight (contract section 7).
+    Coalesced,
+    /// Waiting requests whose leader vanished without an outcome (its VM died or it gave up):
+    /// each then ran the miss itself.
+    CoalesceLeadersLost,
+    /// Waiting requests that reached `gemini.timeout_ms` before their leader's outcome.
+    CoalesceWaitsTimedOut,
 }
 
 /// How one attempt of a Gemini call ended, for `upstream_attempts`.
@@ -207,6 +222,9 @@ impl Counter {
             Counter::SavedMicroUsd(p) => format!("{PREFIX}.saved_micro_usd.profile.{p}"),
             Counter::RateLimited(p) => format!("{PREFIX}.rate_limited.profile.{p}"),
             Counter::FileFetches(r) => format!("{PREFIX}.file_fetches.outcome.{}", r.as_str()),
+            Counter::Coalesced => format!("{PREFIX}.coalesced"),
+            Counter::CoalesceLeadersLost => format!("{PREFIX}.coalesce_leaders_lost"),
+            Counter::CoalesceWaitsTimedOut => format!("{PREFIX}.coalesce_waits_timed_out"),
         }
     }
 
@@ -242,6 +260,9 @@ impl Counter {
             Counter::CacheL2Rejected,
             Counter::CacheL1Evictions,
             Counter::CacheL1TooLarge,
+            Counter::Coalesced,
+            Counter::CoalesceLeadersLost,
+            Counter::CoalesceWaitsTimedOut,
         ]);
         all.extend(FetchResult::ALL.iter().copied().map(Counter::FileFetches));
         for p in settings.profiles.keys() {

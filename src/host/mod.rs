@@ -5,6 +5,8 @@
 mod calls;
 mod metrics;
 
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel as HostLevel};
 
 use crate::access_log::LogLevel;
-use crate::driver::{Host, StreamDriver, Verdict, WorkerDriver};
+use crate::driver::{Host, StreamDriver, Verdict, WorkerDriver, FOLLOW_POLL_MS};
 use crate::exchange::{HttpCall, Reply};
 use crate::metrics::{Counter, Gauge, Histogram};
 use metrics::Metrics;
@@ -20,7 +22,13 @@ use metrics::Metrics;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(HostLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { driver: WorkerDriver::default(), host: ProxyHost { metrics: Rc::new(Metrics::default()) } })
+        Box::new(Root {
+            driver: WorkerDriver::default(),
+            host: ProxyHost { metrics: Rc::new(Metrics::default()), woke: Rc::new(Cell::new(false)) },
+            parked: Rc::new(Parked::default()),
+            base_tick_ms: 0,
+            tick_ms: 0,
+        })
     });
 }}
 
@@ -28,6 +36,8 @@ proxy_wasm::main! {{
 #[derive(Clone)]
 struct ProxyHost {
     metrics: Rc<Metrics>,
+    /// Set when a stream asked for the root's tick at once: the root sets its period again.
+    woke: Rc<Cell<bool>>,
 }
 
 impl Host for ProxyHost {
@@ -77,6 +87,10 @@ impl Host for ProxyHost {
     fn resume_request(&mut self) -> bool {
         calls::resume_request()
     }
+    fn wake_root(&mut self) {
+        calls::set_tick(Duration::from_millis(1));
+        self.woke.set(true);
+    }
     fn response_header(&self, name: &str) -> Option<String> {
         calls::response_header(name)
     }
@@ -110,14 +124,91 @@ fn action(verdict: Verdict) -> Action {
     }
 }
 
+/// Streams the root must reach (coalescing, `driver_flight.rs`): followers waiting for a
+/// lease, and leaders whose calls the root sends, by context id. A leader whose client left
+/// stays here, detached, until its calls are answered.
+#[derive(Default)]
+struct Parked {
+    streams: RefCell<BTreeMap<u32, Rc<RefCell<StreamDriver>>>>,
+}
+
+impl Parked {
+    /// Keeps or lets go of a stream, as it says.
+    fn sync(&self, context_id: u32, driver: &Rc<RefCell<StreamDriver>>) {
+        let parked = driver.try_borrow().is_ok_and(|d| d.is_parked());
+        let mut streams = self.streams.borrow_mut();
+        if parked {
+            streams.entry(context_id).or_insert_with(|| driver.clone());
+        } else {
+            streams.remove(&context_id);
+        }
+    }
+
+    fn all(&self) -> Vec<(u32, Rc<RefCell<StreamDriver>>)> {
+        self.streams.borrow().iter().map(|(id, d)| (*id, d.clone())).collect()
+    }
+
+    fn owner_of(&self, token: u32) -> Option<(u32, Rc<RefCell<StreamDriver>>)> {
+        let streams = self.streams.borrow();
+        streams.iter().find(|(_, d)| d.try_borrow().is_ok_and(|d| d.owns_call(token))).map(|(id, d)| (*id, d.clone()))
+    }
+}
+
 struct Root {
     driver: WorkerDriver,
     host: ProxyHost,
+    parked: Rc<Parked>,
+    /// The tick period the worker asked for at configure time (0: none), and the one set now.
+    base_tick_ms: u64,
+    tick_ms: u64,
+}
+
+impl Root {
+    /// Runs `f` on a parked stream, with it as the effective context while its client is
+    /// there, then keeps or lets go of it.
+    fn drive(
+        &mut self,
+        context_id: u32,
+        driver: &Rc<RefCell<StreamDriver>>,
+        f: impl FnOnce(&mut StreamDriver, &mut ProxyHost),
+    ) {
+        if let Ok(mut d) = driver.try_borrow_mut() {
+            if !d.is_detached() {
+                let _ = proxy_wasm::hostcalls::set_effective_context(context_id);
+            }
+            f(&mut d, &mut self.host);
+        }
+        self.parked.sync(context_id, driver);
+    }
+
+    /// The tick period now: quick while streams wait, the worker's own otherwise; set again
+    /// after a stream asked for an immediate tick.
+    fn retick(&mut self) {
+        let want = if self.parked.streams.borrow().is_empty() {
+            self.base_tick_ms
+        } else if self.base_tick_ms == 0 {
+            FOLLOW_POLL_MS
+        } else {
+            self.base_tick_ms.min(FOLLOW_POLL_MS)
+        };
+        if want != self.tick_ms || self.host.woke.replace(false) {
+            calls::set_tick(Duration::from_millis(want));
+            self.tick_ms = want;
+        }
+    }
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        self.driver.on_call_response(&mut self.host, token_id, num_headers, body_size);
+        match self.parked.owner_of(token_id) {
+            Some((context_id, driver)) => {
+                self.drive(context_id, &driver, |d, host| {
+                    d.on_root_call_response(host, token_id, num_headers, body_size)
+                });
+                self.retick();
+            }
+            None => self.driver.on_call_response(&mut self.host, token_id, num_headers, body_size),
+        }
     }
 }
 
@@ -130,6 +221,8 @@ impl RootContext for Root {
                 if let Some(ms) = tick_ms {
                     calls::set_tick(Duration::from_millis(ms));
                 }
+                self.base_tick_ms = tick_ms.unwrap_or(0);
+                self.tick_ms = self.base_tick_ms;
                 if let Some(settings) = self.driver.settings() {
                     self.host.metrics = Rc::new(Metrics::define(settings));
                 }
@@ -141,11 +234,15 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.driver.on_tick(&mut self.host);
+        for (context_id, driver) in self.parked.all() {
+            self.drive(context_id, &driver, |d, host| d.on_root_tick(host));
+        }
+        self.retick();
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let driver = self.driver.new_stream()?;
-        Some(Box::new(Stream { driver, host: self.host.clone() }))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let driver = Rc::new(RefCell::new(self.driver.new_stream()?));
+        Some(Box::new(Stream { driver, host: self.host.clone(), parked: self.parked.clone(), context_id }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -154,38 +251,53 @@ impl RootContext for Root {
 }
 
 struct Stream {
-    driver: StreamDriver,
+    driver: Rc<RefCell<StreamDriver>>,
     host: ProxyHost,
+    parked: Rc<Parked>,
+    context_id: u32,
+}
+
+impl Stream {
+    /// Runs one callback on the driver, then lets the root reach it if it must.
+    fn with<T>(&mut self, otherwise: T, f: impl FnOnce(&mut StreamDriver, &mut ProxyHost) -> T) -> T {
+        let out = match self.driver.try_borrow_mut() {
+            Ok(mut d) => f(&mut d, &mut self.host),
+            Err(_) => otherwise,
+        };
+        self.parked.sync(self.context_id, &self.driver);
+        out
+    }
 }
 
 impl Context for Stream {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        self.driver.on_call_response(&mut self.host, token_id, num_headers, body_size);
+        self.with((), |d, host| d.on_call_response(host, token_id, num_headers, body_size));
     }
 }
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        action(self.driver.on_request_headers(&mut self.host, end_of_stream))
+        action(self.with(Verdict::Continue, |d, host| d.on_request_headers(host, end_of_stream)))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        action(self.driver.on_request_body(&mut self.host, body_size, end_of_stream))
+        action(self.with(Verdict::Continue, |d, host| d.on_request_body(host, body_size, end_of_stream)))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        action(self.driver.on_request_trailers(&mut self.host))
+        action(self.with(Verdict::Continue, |d, host| d.on_request_trailers(host)))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        action(self.driver.on_response_headers(&mut self.host, end_of_stream))
+        action(self.with(Verdict::Continue, |d, host| d.on_response_headers(host, end_of_stream)))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        action(self.driver.on_response_body(&mut self.host, body_size, end_of_stream))
+        action(self.with(Verdict::Continue, |d, host| d.on_response_body(host, body_size, end_of_stream)))
     }
 
     fn on_log(&mut self) {
-        self.driver.on_log(&mut self.host);
+        // A leader whose client left stays parked (detached) until its calls are answered.
+        self.with((), |d, host| d.on_log(host));
     }
 }
