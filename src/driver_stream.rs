@@ -7,7 +7,7 @@
 //! step: DESIGN.md, "Streaming".
 
 use super::*;
-use crate::exchange::StreamHead;
+use crate::exchange::{StreamCut, StreamHead};
 use crate::openai;
 
 /// The request header of the internal upstream route: the cluster to send to. Only the
@@ -156,6 +156,8 @@ impl StreamDriver {
             StreamHead::NotOurs => Verdict::Continue,
             StreamHead::Events(headers) => {
                 host.set_response_header("content-length", None);
+                // As on every other answer of the filter: no trace of the router's timing.
+                host.set_response_header("x-envoy-upstream-service-time", None);
                 for (name, value) in &headers {
                     host.set_response_header(name, Some(value));
                 }
@@ -215,6 +217,23 @@ impl StreamDriver {
         }
     }
 
+    /// A stream that ends without its last piece: Envoy's own account of why (its response
+    /// code details) tells a client that left from a timeout or Gemini's connection breaking.
+    pub(super) fn note_stream_cut(&mut self, host: &mut dyn Host) {
+        if self.upstream.response != Response::Events {
+            return;
+        }
+        let details = host.property(&["response", "code_details"]).map(|d| String::from_utf8_lossy(&d).into_owned());
+        let cut = match details.as_deref() {
+            Some(d) if d.contains("downstream") => StreamCut::ClientLeft,
+            Some(d) if d.contains("timeout") => StreamCut::TimedOut,
+            _ => StreamCut::Upstream,
+        };
+        if let Some(ex) = self.exchange.as_mut() {
+            ex.on_stream_cut(cut);
+        }
+    }
+
     /// Gemini refused the stream with this body: the key cools down as after a call-out, and
     /// the client gets the error a call-out would have given.
     fn held_error(&mut self, host: &mut dyn Host, body: Vec<u8>) {
@@ -270,3 +289,7 @@ impl StreamDriver {
         host.count(&Counter::UpstreamAttempts(backend_name.to_string(), key.key, outcome), 1);
     }
 }
+
+#[cfg(test)]
+#[path = "driver_stream_tests.rs"]
+mod tests;

@@ -17,6 +17,8 @@ pub(super) struct Streamed {
     /// Gemini's status, once its headers came.
     status: Option<u32>,
     transform: StreamTransform,
+    /// Why it ended early, when it did.
+    cut: Option<StreamCut>,
 }
 
 /// What the driver does with the response headers of a request.
@@ -29,6 +31,17 @@ pub enum StreamHead {
     /// Gemini refused: hold the headers, buffer the body, and give it to
     /// `on_upstream_error` at its end.
     Hold,
+}
+
+/// Why a stream ended before its last piece, as Envoy tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamCut {
+    /// The client went away.
+    ClientLeft,
+    /// The router's timeout (what was left of `gemini.timeout_ms`) or an idle timeout.
+    TimedOut,
+    /// Gemini's connection broke off.
+    Upstream,
 }
 
 /// The headers of an event stream, over an answer's common ones.
@@ -95,7 +108,7 @@ impl Exchange {
             max_event_bytes: self.settings.streaming.max_event_bytes,
         };
         let calls = Calls { outcomes: vec![None], metas: vec![Some(meta)], started_ms: now_ms };
-        let streamed = Streamed { calls, status: None, transform: StreamTransform::new(options) };
+        let streamed = Streamed { calls, status: None, transform: StreamTransform::new(options), cut: None };
         self.phase = Phase::Streaming(planned, Box::new(streamed));
         Vec::new()
     }
@@ -199,15 +212,25 @@ impl Exchange {
         reported
     }
 
-    /// The stream ended without its last piece: the client left, or Gemini's connection broke
-    /// off (Envoy then resets the client's stream too; no event can be added).
+    /// Records why the stream is ending early, before `on_abandoned` logs it.
+    pub fn on_stream_cut(&mut self, cut: StreamCut) {
+        if let Phase::Streaming(_, s) = &mut self.phase {
+            s.cut = Some(cut);
+        }
+    }
+
+    /// The stream ended without its last piece: the client left, the router's timeout cut it,
+    /// or Gemini's connection broke off (Envoy then resets the client's stream too; no event
+    /// can be added).
     pub(super) fn stream_cut(&mut self, planned: Box<Planned>, streamed: Box<Streamed>, now_ms: u64) -> Vec<Effect> {
-        let mut ending = match streamed.status {
-            Some(200) => {
-                let mut ending = Ending::new(502, Outcome::Error, Some(&planned));
-                ending.error = Some(ErrorCode::NetworkError);
-                ending
-            }
+        let failed = |status: u32, code: ErrorCode| {
+            let mut ending = Ending::new(status, Outcome::Error, Some(&planned));
+            ending.error = Some(code);
+            ending
+        };
+        let mut ending = match (streamed.status, streamed.cut) {
+            (Some(200), Some(StreamCut::TimedOut)) => failed(504, ErrorCode::NetworkError),
+            (Some(200), Some(StreamCut::Upstream) | None) => failed(502, ErrorCode::NetworkError),
             _ => Ending::new(499, Outcome::ClientClosed, Some(&planned)),
         };
         ending.calls = Some(&streamed.calls);
