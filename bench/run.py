@@ -193,6 +193,7 @@ def main():
     p.add_argument("--concurrency", default="1,2")
     p.add_argument("--rss-requests", type=int, default=1000)
     p.add_argument("--only", help="run only the rows whose name holds this text (and skip memory)")
+    p.add_argument("--coalesce-requests", type=int, default=32, help="identical misses at once in the coalescing run")
     a = p.parse_args()
     global ONLY
     ONLY = a.only
@@ -315,6 +316,8 @@ def main():
             finally:
                 proc.stop()
 
+        coalescing = None if ONLY and ONLY not in "coalescing" else coalescing_run(work, fake, a.coalesce_requests)
+
         # Resident memory after N requests: no cache writes, then L1 filled with 2 MiB entries.
         rss = {}
         for label, patch, distinct in [] if ONLY else [("1,000 requests, L1 empty (no-store)", {}, False),
@@ -334,10 +337,56 @@ def main():
         cache.stop()
         fake.stop()
 
-    print_report(results, rss, os.path.getsize(WASM), a)
+    print_report(results, rss, coalescing, os.path.getsize(WASM), a)
 
 
-def print_report(results, rss, wasm_size, a):
+def coalescing_run(work, fake, count, delay_ms=1000):
+    """`count` identical misses at once, fake-gemini answering each call after `delay_ms`, on an
+    Envoy with two workers: with coalescing (the shipped default) against the same burst with
+    `cache.coalesce: false`. Gemini calls, and the latency of the first answer (the leader's)
+    and of the others (the waiting ones)."""
+    from concurrent.futures import ThreadPoolExecutor
+    out = {}
+    for label, coalesce in (("coalesce off", False), ("coalesce on", True)):
+        e = Envoy(work, name="envoy-coalesce", fake_gemini="127.0.0.1:%d" % fake.port,
+                  plugin=with_plugin(cache={"coalesce": coalesce, "l2": None}, urls=None),
+                  env_extra={"GEMINI_API_KEY": "bench"}, concurrency=2)
+        try:
+            prompt = "burst %s %d [fake:delay=%d]" % (label, time.time_ns(), delay_ms)
+            body = json.dumps({"prompt": prompt}).encode()
+
+            def one(_):
+                started = time.monotonic()
+                status, headers, _ = http("POST", e.url() + "/v1/images/generations", body,
+                                          {"content-type": "application/json"}, timeout=60)
+                return status, headers.get("x-image-cache"), (time.monotonic() - started) * 1000
+
+            with ThreadPoolExecutor(count) as pool:
+                answers = list(pool.map(one, range(count)))
+            times = sorted(t for _, _, t in answers)
+            # One miss at a time, each a new prompt, fake-gemini answering at once: what leading
+            # costs (the root sends the calls, on a tick asked for at once) with nobody waiting.
+            singles = []
+            for i in range(200):
+                started = time.monotonic()
+                http("POST", e.url() + "/v1/images/generations",
+                     json.dumps({"prompt": "single %s %d %d" % (label, time.time_ns(), i)}).encode(),
+                     {"content-type": "application/json"})
+                singles.append((time.monotonic() - started) * 1000)
+            singles.sort()
+            out[label] = {
+                "single_p50": singles[len(singles) // 2], "single_p99": singles[int(len(singles) * 0.99)],
+                "calls": len(fake.requests(prompt)),
+                "ok": sum(1 for s, _, _ in answers if s == 200),
+                "first": times[0], "p50": times[len(times) // 2], "max": times[-1],
+                "caches": sorted({c for _, c, _ in answers if c}),
+            }
+        finally:
+            e.stop()
+    return {"count": count, "delay_ms": delay_ms, "runs": out}
+
+
+def print_report(results, rss, coalescing, wasm_size, a):
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -360,6 +409,25 @@ def print_report(results, rss, wasm_size, a):
     print("|---|---|---|")
     for label, (start, end) in rss.items():
         print("| %s | %.1f MiB | %.1f MiB |" % (label, start / 1024, end / 1024))
+    if coalescing:
+        print("\n%d identical misses at once, fake-gemini answering after %d ms, Envoy --concurrency 2" % (
+            coalescing["count"], coalescing["delay_ms"]))
+        print("| run | Gemini calls | 200s | first answer ms | p50 ms | last ms | x-image-cache |")
+        print("|---|---|---|---|---|---|---|")
+        for label, r in coalescing["runs"].items():
+            print("| %s | %d | %d | %.0f | %.0f | %.0f | %s |" % (
+                label, r["calls"], r["ok"], r["first"], r["p50"], r["max"], ", ".join(r["caches"])))
+        on, off = coalescing["runs"]["coalesce on"], coalescing["runs"]["coalesce off"]
+        print("| one miss at a time (200, new prompts, no delay) | p50 ms | p99 ms |")
+        print("|---|---|---|")
+        for label, r in coalescing["runs"].items():
+            print("| %s | %.2f | %.2f |" % (label, r["single_p50"], r["single_p99"]))
+        print("leading a flight alone: p50 %.2fx, p99 %.2fx of a miss without coalescing" % (
+            coalescing["runs"]["coalesce on"]["single_p50"] / coalescing["runs"]["coalesce off"]["single_p50"],
+            coalescing["runs"]["coalesce on"]["single_p99"] / coalescing["runs"]["coalesce off"]["single_p99"]))
+        print("coalescing: Gemini calls %.3fx of the baseline; waiting requests' p50 %.2fx and last %.2fx of the "
+              "baseline's; the last waiting answer %.0f ms after the first" % (
+                  on["calls"] / max(off["calls"], 1), on["p50"] / off["p50"], on["max"] / off["max"], on["max"] - on["first"]))
     print("\nwasm file: %d bytes" % wasm_size)
 
 

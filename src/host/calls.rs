@@ -157,6 +157,9 @@ extern "C" {
     fn proxy_remove_header_map_value(map_type: u32, key: *const u8, key_len: usize) -> u32;
     fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, data: *const u8, len: usize) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_register_shared_queue(name: *const u8, name_len: usize, queue_id: *mut u32) -> u32;
+    fn proxy_enqueue_shared_queue(queue_id: u32, data: *const u8, len: usize) -> u32;
+    fn proxy_dequeue_shared_queue(queue_id: u32, data: *mut *mut u8, len: *mut usize) -> u32;
     fn proxy_call_foreign_function(
         name: *const u8,
         name_len: usize,
@@ -275,4 +278,35 @@ pub fn response_body(size: usize) -> Vec<u8> {
 
 pub fn set_response_body(len: usize, body: &[u8]) -> bool {
     set_body(BufferType::HttpResponseBody, len, body)
+}
+
+/// Registers a shared queue of this VM (its root gets `on_queue_ready`); `None` when refused.
+pub fn register_queue(name: &str) -> Option<u32> {
+    let mut id: u32 = 0;
+    // SAFETY: a pointer and length of a live string, and a pointer to a local the host fills.
+    let status = unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) };
+    (status == OK).then_some(id)
+}
+
+/// Puts one item on a queue (Envoy then runs the registering root's `on_queue_ready`).
+pub fn enqueue(queue_id: u32, item: &[u8]) -> bool {
+    // SAFETY: a pointer and length of a live slice; the host copies it.
+    unsafe { proxy_enqueue_shared_queue(queue_id, item.as_ptr(), item.len()) == OK }
+}
+
+/// Takes every item off a queue.
+pub fn drain(queue_id: u32) {
+    for _ in 0..1024 {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut len: usize = 0;
+        // SAFETY: the host allocates `len` bytes with this module's allocator and hands them over.
+        let status = unsafe { proxy_dequeue_shared_queue(queue_id, &mut data, &mut len) };
+        if !data.is_null() {
+            // SAFETY: as above; taken back and freed.
+            drop(unsafe { Vec::from_raw_parts(data, len, len) });
+        }
+        if status != OK {
+            return; // empty (or gone)
+        }
+    }
 }

@@ -24,7 +24,12 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
         Box::new(Root {
             driver: WorkerDriver::default(),
-            host: ProxyHost { metrics: Rc::new(Metrics::default()), woke: Rc::new(Cell::new(false)) },
+            host: ProxyHost {
+                metrics: Rc::new(Metrics::default()),
+                woke: Rc::new(Cell::new(false)),
+                tick_poked: Rc::new(Cell::new(false)),
+                wake_queue: Rc::new(Cell::new(None)),
+            },
             parked: Rc::new(Parked::default()),
             base_tick_ms: 0,
             tick_ms: 0,
@@ -36,8 +41,13 @@ proxy_wasm::main! {{
 #[derive(Clone)]
 struct ProxyHost {
     metrics: Rc<Metrics>,
-    /// Set when a stream asked for the root's tick at once: the root sets its period again.
+    /// Set when a stream asked for the root at once and has not been served yet.
     woke: Rc<Cell<bool>>,
+    /// Set when the tick was set to 1 ms to wake the root (no queue): the root sets it back.
+    tick_poked: Rc<Cell<bool>>,
+    /// This VM's own shared queue: an item on it runs the root's `on_queue_ready` as soon as
+    /// the worker is free (the tick is the fallback when the host refused the queue).
+    wake_queue: Rc<Cell<Option<u32>>>,
 }
 
 impl Host for ProxyHost {
@@ -88,8 +98,14 @@ impl Host for ProxyHost {
         calls::resume_request()
     }
     fn wake_root(&mut self) {
-        calls::set_tick(Duration::from_millis(1));
-        self.woke.set(true);
+        if self.woke.replace(true) {
+            return; // already asked
+        }
+        let queued = self.wake_queue.get().is_some_and(|q| calls::enqueue(q, b"w"));
+        if !queued {
+            calls::set_tick(Duration::from_millis(1));
+            self.tick_poked.set(true);
+        }
     }
     fn response_header(&self, name: &str) -> Option<String> {
         calls::response_header(name)
@@ -181,6 +197,15 @@ impl Root {
         self.parked.sync(context_id, driver);
     }
 
+    /// Sends leaders' calls and looks at followers' leases.
+    fn serve_parked(&mut self) {
+        self.host.woke.set(false);
+        for (context_id, driver) in self.parked.all() {
+            self.drive(context_id, &driver, |d, host| d.on_root_tick(host));
+        }
+        self.retick();
+    }
+
     /// The tick period now: quick while streams wait, the worker's own otherwise; set again
     /// after a stream asked for an immediate tick.
     fn retick(&mut self) {
@@ -191,7 +216,7 @@ impl Root {
         } else {
             self.base_tick_ms.min(FOLLOW_POLL_MS)
         };
-        if want != self.tick_ms || self.host.woke.replace(false) {
+        if want != self.tick_ms || self.host.tick_poked.replace(false) {
             calls::set_tick(Duration::from_millis(want));
             self.tick_ms = want;
         }
@@ -223,6 +248,13 @@ impl RootContext for Root {
                 }
                 self.base_tick_ms = tick_ms.unwrap_or(0);
                 self.tick_ms = self.base_tick_ms;
+                // A queue of this VM's own (a name no other worker uses: the last VM to
+                // register a name would get every worker's items).
+                let mut id = [0u8; 8];
+                if calls::random(&mut id) {
+                    let name = format!("gemini_image.wake.{}", u64::from_le_bytes(id));
+                    self.host.wake_queue.set(calls::register_queue(&name));
+                }
                 if let Some(settings) = self.driver.settings() {
                     self.host.metrics = Rc::new(Metrics::define(settings));
                 }
@@ -234,10 +266,12 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.driver.on_tick(&mut self.host);
-        for (context_id, driver) in self.parked.all() {
-            self.drive(context_id, &driver, |d, host| d.on_root_tick(host));
-        }
-        self.retick();
+        self.serve_parked();
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        calls::drain(queue_id);
+        self.serve_parked();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
