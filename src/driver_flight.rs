@@ -193,9 +193,12 @@ impl StreamDriver {
         }
     }
 
-    /// The client left. A leader whose calls are under way goes on without it (detached);
-    /// true when it does.
+    /// The client left. A follower stops waiting; a leader whose calls are under way goes on
+    /// without it (detached), and then this is true.
     pub(super) fn detach_if_leading(&mut self) -> bool {
+        if matches!(self.flight.seat, Some(Seat::Follow { .. })) {
+            self.flight.seat = None;
+        }
         let busy = !self.flight.deferred.is_empty() || self.pending.iter().any(|c| c.root_owned);
         if !self.flight.leads() || !busy {
             return false;
@@ -207,3 +210,7 @@ impl StreamDriver {
         true
     }
 }
+
+#[cfg(test)]
+#[path = "driver_flight_tests.rs"]
+mod tests;
