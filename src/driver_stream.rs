@@ -152,6 +152,14 @@ impl StreamDriver {
         }
         let status = host.response_header(":status").and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(0);
         let Some(ex) = self.exchange.as_mut() else { return Verdict::Continue };
+        if end_of_stream && status == 200 {
+            // A 200 with no body: no event can follow these headers, but they have not gone
+            // out yet, so the client gets the JSON error a call-out would have given.
+            let _ = ex.on_upstream_headers(status);
+            self.upstream.response = Response::Held { status, content_type: None, retry_after_s: None };
+            self.held_error(host, Vec::new());
+            return Verdict::Pause;
+        }
         match ex.on_upstream_headers(status) {
             StreamHead::NotOurs => Verdict::Continue,
             StreamHead::Events(headers) => {
@@ -164,11 +172,6 @@ impl StreamDriver {
                 self.upstream.response = Response::Events;
                 let now = host.now_ms();
                 self.count_attempt(host, AttemptOutcome::Ok, now);
-                if end_of_stream {
-                    // A 200 with no body: the stream ends at once (no event can be added).
-                    let effects = self.exchange.as_mut().and_then(|ex| ex.on_upstream_body(&[], true, now));
-                    self.run(host, effects.map(|(_, e)| e).unwrap_or_default());
-                }
                 Verdict::Continue
             }
             StreamHead::Hold => {

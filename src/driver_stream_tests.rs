@@ -516,3 +516,35 @@ fn a_stream_that_ends_without_its_last_piece_is_logged_502_network_error_and_not
     assert_eq!(gw.host.counted(&Counter::CacheStores(CacheTier::L1)), 0);
     assert_eq!(gw.worker().borrow().budget.requests, 0);
 }
+
+#[test]
+fn envoy_reasons_for_a_cut_stream_tell_a_client_that_left_and_a_timeout_from_a_broken_gemini() {
+    for (details, status, code) in [
+        ("downstream_remote_disconnect", 499, None),
+        ("upstream_response_timeout", 504, Some("IMG_NETWORK_ERROR")),
+        ("upstream_reset_after_response_started{remote_reset}", 502, Some("IMG_NETWORK_ERROR")),
+    ] {
+        let mut gw = Gateway::new(L1_ONLY);
+        let (mut stream, _, _) = send_streamed(&mut gw, streamed(json!({"partial_images": 2})));
+        upstream_headers(&mut gw, &mut stream, 200, &[("content-type", "text/event-stream")]);
+        gw.host.logs.clear();
+        let all = gemini_stream();
+        upstream_piece(&mut gw, &mut stream, &all[..thought_event(INTERIM_PNG).len()], false);
+        gw.host.properties.insert("response/code_details".into(), details.as_bytes().to_vec());
+        stream.on_log(&mut gw.host);
+        let line = gw.host.log_lines().pop().expect("one line").1;
+        assert_eq!(line["status"].as_u64(), Some(status), "{details}");
+        assert_eq!(line["code"].as_str(), code, "{details}");
+    }
+}
+
+#[test]
+fn a_gemini_200_without_a_body_is_the_json_error_not_an_empty_stream() {
+    let mut gw = Gateway::new(L1_ONLY);
+    let (mut stream, _, _) = send_streamed(&mut gw, streamed(json!({})));
+    gw.host.response_headers = vec![(":status".into(), "200".into())];
+    assert_eq!(stream.on_response_headers(&mut gw.host, true), Verdict::Pause);
+    let r = gw.host.replies.pop().expect("a local reply in place of the empty answer");
+    assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (502, Some("IMG_UPSTREAM_ERROR")));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
