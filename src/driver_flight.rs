@@ -161,6 +161,7 @@ impl StreamDriver {
             Outlook::Ready => FlightNews::Ready,
             Outlook::Failed { status, retry_after_s, body } => FlightNews::Failed { status, retry_after_s, body },
             Outlook::Lost => FlightNews::Lost,
+            Outlook::OnYourOwn => FlightNews::OnYourOwn,
         };
         self.flight.seat = None;
         self.feed(host, |ex| ex.on_flight_news(news, now));
@@ -177,7 +178,8 @@ impl StreamDriver {
         let state = match end {
             Some(FlightEnd::Stored) => State::Done,
             Some(FlightEnd::Failed { status, retry_after_s, body }) => State::Failed { status, retry_after_s, body },
-            Some(FlightEnd::Unstored) | None => State::Abandoned,
+            Some(FlightEnd::Unshared) => State::Uncached,
+            Some(FlightEnd::Abandoned) | None => State::Abandoned,
         };
         let now = host.now_ms();
         for _ in 0..LEASE_CAS_ROUNDS {

@@ -761,6 +761,9 @@ impl Exchange {
                 e
             }
         };
+        // A refusal of room is this request's own (its worker, its profile): those waiting on
+        // it do not share it; one of them takes over.
+        self.flight.led(exchange_flight::FlightEnd::Abandoned);
         let ending = Ending::new(e.status(), Outcome::Error, Some(&planned));
         let mut effects = self.error_reply(e, ending, now_ms);
         effects.extend(counted);
@@ -872,10 +875,11 @@ impl Exchange {
         // Only complete successes are stored in the cache.
         let (stores, in_cache) =
             if failed == 0 { self.store(planned, &images, usage, created) } else { (Vec::new(), false) };
-        self.flight.led(if in_cache {
+        let in_l1 = stores.iter().any(|e| matches!(e, Effect::StoreL1 { .. }));
+        self.flight.led(if in_l1 && in_cache {
             exchange_flight::FlightEnd::Stored
         } else {
-            exchange_flight::FlightEnd::Unstored
+            exchange_flight::FlightEnd::Unshared
         });
         // Image URLs point at the cache entry, or at an entry of their own when the answer is
         // not cached; when neither tier can hold one, the images go inline after all.

@@ -28,6 +28,8 @@ pub enum FlightNews {
     Failed { status: u32, retry_after_s: Option<u64>, body: Vec<u8> },
     /// The leader vanished without an outcome.
     Lost,
+    /// The leader's answer could not be shared: call Gemini without waiting on anyone.
+    OnYourOwn,
     /// `gemini.timeout_ms` passed since this request began.
     TimedOut,
 }
@@ -35,10 +37,13 @@ pub enum FlightNews {
 /// How a leader's generation ended, for those waiting on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlightEnd {
-    /// Stored in the cache: followers look it up.
+    /// Stored in L1: followers look it up.
     Stored,
-    /// Not stored (a partial result, or no tier could hold it): followers run their own miss.
-    Unstored,
+    /// Not in L1 (a partial result, larger than L1's bound, or only queued for L2, which a
+    /// follower could look for before the write is out): followers call Gemini on their own.
+    Unshared,
+    /// No outcome to share (refused room before any call): a follower takes over.
+    Abandoned,
     /// Followers answer this error.
     Failed { status: u32, retry_after_s: Option<u64>, body: Vec<u8> },
 }
@@ -49,6 +54,8 @@ pub(super) struct FlightPart {
     leading: bool,
     /// Answered from a flight it waited for: its hit is `coalesced`.
     pub coalesced: bool,
+    /// Told to call Gemini on its own: it does not join a flight again.
+    alone: bool,
     /// Its client left while it led a flight: it goes on without replying.
     pub client_gone: bool,
     end: Option<FlightEnd>,
@@ -70,7 +77,7 @@ impl Exchange {
     pub(super) fn join_or_admit(&mut self, planned: Box<Planned>) -> Vec<Effect> {
         let coalesce = self.settings.cache.as_ref().is_some_and(|c| c.coalesce);
         match &planned.cache.key {
-            Some(key) if coalesce && planned.cache.lookup && planned.req.stream.is_none() => {
+            Some(key) if coalesce && !self.flight.alone && planned.cache.lookup && planned.req.stream.is_none() => {
                 let effect = Effect::JoinFlight {
                     key: key.clone(),
                     lease_ms: self.settings.gemini.timeout_ms.saturating_add(LEASE_MARGIN_MS),
@@ -131,6 +138,10 @@ impl Exchange {
                 let mut effects = vec![Effect::Count(Counter::CoalesceLeadersLost, 1)];
                 effects.extend(self.look_again(planned));
                 effects
+            }
+            FlightNews::OnYourOwn => {
+                self.flight.alone = true;
+                self.admit(planned)
             }
             FlightNews::TimedOut => {
                 let e = ApiError::timed_out("an identical request's image was not ready within the gateway's timeout");

@@ -75,15 +75,20 @@ pub enum State {
     /// to 599), `retry_after_s` the `retry-after` header if any, `body` the OpenAI error JSON
     /// (at most `MAX_ERROR_BYTES`).
     Failed { status: u32, retry_after_s: Option<u64>, body: Vec<u8> },
-    /// The leader gave up without an outcome (its client left and its calls died with it):
-    /// a follower takes over.
+    /// The leader gave up without an outcome (it was refused room before any call, or its
+    /// calls died with it): a follower takes over.
     Abandoned,
+    /// The answer came but no tier can hold it (a partial result, or larger than L1's bound
+    /// with no L2): followers call Gemini each on its own, at once, rather than one after
+    /// another as leaders of flights that could never be shared either.
+    Uncached,
 }
 
 const TAG_FLYING: u8 = 0;
 const TAG_DONE: u8 = 1;
 const TAG_FAILED: u8 = 2;
 const TAG_ABANDONED: u8 = 3;
+const TAG_UNCACHED: u8 = 4;
 
 /// Writes a lease: `GIF1`, the key (u32 length, bytes), the flight id and the expiry (u64
 /// each), a state tag, and for `Failed` the status (u32), the retry-after (a tag, then u64 if
@@ -111,6 +116,7 @@ pub fn encode(lease: &Lease) -> Vec<u8> {
         State::Flying => out.push(TAG_FLYING),
         State::Done => out.push(TAG_DONE),
         State::Abandoned => out.push(TAG_ABANDONED),
+        State::Uncached => out.push(TAG_UNCACHED),
         State::Failed { status, retry_after_s, body } => {
             out.push(TAG_FAILED);
             let generic;
@@ -155,6 +161,7 @@ pub fn decode(bytes: &[u8]) -> Option<Lease> {
         TAG_FLYING => State::Flying,
         TAG_DONE => State::Done,
         TAG_ABANDONED => State::Abandoned,
+        TAG_UNCACHED => State::Uncached,
         TAG_FAILED => {
             let status = r.u32()?;
             if !is_error_status(status) {
@@ -272,8 +279,8 @@ pub fn join(current: Option<&[u8]>, key: &str, flight: u64, now_ms: u64, lease_m
     match (&lease.state, lease.key == key) {
         (State::Abandoned, _) => lead(),
         (State::Flying, true) => Join::Follow { flight: lease.flight, expires_at_ms: lease.expires_at_ms },
-        (State::Done | State::Failed { .. }, true) => lead(),
-        (State::Flying | State::Done | State::Failed { .. }, false) => Join::Alone,
+        (State::Done | State::Failed { .. } | State::Uncached, true) => lead(),
+        (State::Flying | State::Done | State::Failed { .. } | State::Uncached, false) => Join::Alone,
     }
 }
 
@@ -289,11 +296,13 @@ pub enum Outlook {
     /// The flight is gone (expired while flying, abandoned, replaced by another flight or key,
     /// slot empty or unreadable): run the miss path again (look up, then join).
     Lost,
+    /// The answer could not be shared (`Uncached`): call Gemini without joining again.
+    OnYourOwn,
 }
 
 /// What became of flight `flight` for `key`, given the slot's current value.
 ///
-/// A `Done` or `Failed` lease of this very flight is its outcome even past its expiry: the
+/// A `Done`, `Failed` or `Uncached` lease of this very flight is its outcome even past its expiry: the
 /// expiry frees the slot for new flights, it does not make the outcome untrue, and a follower
 /// whose timer fired late should not call Gemini again for an answer already given. A `Flying`
 /// one past its expiry is lost: its leader is presumed dead.
@@ -308,6 +317,7 @@ pub fn outlook(current: Option<&[u8]>, key: &str, flight: u64, now_ms: u64) -> O
         State::Done => Outlook::Ready,
         State::Failed { status, retry_after_s, body } => Outlook::Failed { status, retry_after_s, body },
         State::Abandoned => Outlook::Lost,
+        State::Uncached => Outlook::OnYourOwn,
     }
 }
 

@@ -29,6 +29,7 @@ fn samples() -> Vec<Lease> {
         State::Flying,
         State::Done,
         State::Abandoned,
+        State::Uncached,
         failed(503, None, &error_json()),
         failed(429, Some(17), &error_json()),
         failed(400, Some(0), b""),
@@ -140,7 +141,7 @@ fn tag_at(key: &str) -> usize {
 #[test]
 fn unknown_tags_and_bad_keys_are_refused() {
     let good = lease(KEY, 1, State::Done, NOW);
-    for tag in [4u8, 5, 0x80, 0xff] {
+    for tag in [5u8, 6, 0x80, 0xff] {
         let mut bytes = good.clone();
         bytes[tag_at(KEY)] = tag;
         assert_eq!(decode(&bytes), None, "state tag {tag}");
@@ -345,7 +346,7 @@ fn a_flight_replaced_or_gone_is_lost() {
 
 #[test]
 fn the_leader_writes_its_outcome_over_its_own_flight() {
-    for state in [State::Done, State::Abandoned, failed(503, Some(4), &error_json())] {
+    for state in [State::Done, State::Abandoned, State::Uncached, failed(503, Some(4), &error_json())] {
         // Expired or not: if nobody took over, the outcome still helps whoever waits.
         for expires_at_ms in [NOW + 1, NOW, 0] {
             let current = lease(KEY, 7, State::Flying, expires_at_ms);
@@ -369,7 +370,7 @@ fn the_leader_writes_nothing_when_its_flight_is_gone() {
 
 #[test]
 fn a_flight_ends_once() {
-    for state in [State::Done, State::Abandoned, failed(503, None, &error_json())] {
+    for state in [State::Done, State::Abandoned, State::Uncached, failed(503, None, &error_json())] {
         let current = lease(KEY, 7, state.clone(), NOW + 2_000);
         assert_eq!(finish(Some(&current), KEY, 7, State::Done, NOW, 2_000), None, "{state:?}");
     }
@@ -482,4 +483,13 @@ fn keys_that_share_an_l1_slot_rarely_share_a_flight_slot() {
         assert!(pairs > 10_000);
         assert!(shared * u64::from(FLIGHT_SLOTS) < pairs * 2, "{max_entries}: {shared} of {pairs}");
     }
+}
+
+#[test]
+fn an_answer_that_could_not_be_shared_sends_followers_to_gemini_and_later_arrivals_lead() {
+    let current = lease(KEY, 7, State::Uncached, NOW + 2_000);
+    assert_eq!(outlook(Some(&current), KEY, 7, NOW), Outlook::OnYourOwn);
+    assert_eq!(outlook(Some(&current), KEY, 8, NOW), Outlook::Lost, "another flight's outcome is not ours");
+    assert!(matches!(join(Some(&current), KEY, 9, NOW, 60_000), Join::Lead(_)));
+    assert_eq!(join(Some(&current), OTHER, 9, NOW, 60_000), Join::Alone, "it lingers for its followers");
 }
