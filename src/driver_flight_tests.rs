@@ -150,3 +150,17 @@ fn without_coalescing_calls_go_out_from_the_stream_at_once() {
     assert_eq!(gw.host.dispatched.len(), 2, "each calls Gemini");
     assert!(!a.is_parked() && !b.is_parked());
 }
+
+#[test]
+fn an_answer_l1_cannot_hold_sends_followers_to_gemini_on_their_own() {
+    let mut gw = Gateway::new(r#"{"cache": {"l1": {"max_entries": 8, "max_entry_bytes": 10}}}"#);
+    let mut leader = start(&mut gw, json!({"prompt": "a whale"}), None);
+    let mut follower = start(&mut gw, json!({"prompt": "a whale"}), None);
+    assert_eq!(answer_leader(&mut gw, &mut leader, &ok_response(IMAGE)), 1);
+    assert_eq!(gw.host.replies.pop().map(|r| r.status), Some(200));
+    follower.on_root_tick(&mut gw.host);
+    // It calls Gemini at once, without leading a flight others would wait for in turn.
+    assert_eq!(gw.host.dispatched.len(), 1, "the follower's own call");
+    assert!(follower.owns_call(gw.host.dispatched[0].0));
+    assert_eq!(gw.host.counted(&Counter::Coalesced), 0);
+}
