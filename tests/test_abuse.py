@@ -94,8 +94,10 @@ def test_a_stampede_on_one_prompt(client, fake):
     with ThreadPoolExecutor(max_workers=24) as pool:
         results = list(pool.map(lambda _: client.post({"prompt": prompt}), range(24)))
     assert [r[0] for r in results] == [200] * 24
-    # No request coalescing: concurrent misses each call Gemini; afterwards it is a hit.
-    assert 1 <= len(fake.requests(prompt)) <= 24
+    # Coalesced: the misses in flight share one generation (tests/test_coalescing.py has the
+    # rules); afterwards it is a hit.
+    assert len(fake.requests(prompt)) == 1
+    assert sorted({r[1]["x-image-cache"] for r in results}) == ["coalesced", "miss"]
     time.sleep(0.2)
     assert client.post({"prompt": prompt})[1]["x-image-cache"] in ("hit-l1", "hit-l2")
 
