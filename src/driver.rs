@@ -280,6 +280,9 @@ impl WorkerDriver {
                 self.worker = Rc::new(RefCell::new(worker));
                 self.token_backoff = vec![(0, TOKEN_BACKOFF_MS); count];
                 self.token_warned_ms = vec![0; count];
+                if settings.cache.as_ref().is_some_and(|c| c.coalesce) {
+                    seed_flight_slots(host);
+                }
                 self.settings = Some(Rc::new(settings));
                 Ok(tick)
             }
@@ -1100,6 +1103,17 @@ fn upstream_call(
         _ => {}
     }
     HttpCall { cluster: backend.map(|b| b.cluster.clone()).unwrap_or_default(), headers, body, timeout_ms }
+}
+
+/// Gives every lease slot a value, once per Envoy (a slot that holds one is left alone, so a
+/// reload never wipes a live lease): from then on every lease write is a compare-and-swap.
+fn seed_flight_slots(host: &mut dyn Host) {
+    for n in 0..crate::flight::FLIGHT_SLOTS {
+        let key = crate::flight::slot_key_at(n);
+        if host.shared_get_cas(&key).1.is_none() {
+            host.shared_set(&key, crate::flight::EMPTY_SLOT);
+        }
+    }
 }
 
 /// Compare-and-swap rounds before a bucket update gives up (each loses only to another

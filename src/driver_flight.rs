@@ -25,8 +25,9 @@ use crate::flight::{self, Join, Outlook, State};
 /// How often the root looks at the leases of waiting streams.
 pub const FOLLOW_POLL_MS: u64 = 10;
 
-/// How long a finished lease stays readable for followers that look every `FOLLOW_POLL_MS`.
-const LINGER_MS: u64 = 5_000;
+/// How long a finished lease stays readable for followers that look every `FOLLOW_POLL_MS`
+/// (a hundred looks); the slot is free for other keys after it.
+const LINGER_MS: u64 = 1_000;
 
 /// Compare-and-swap rounds on a lease before giving up (each loses only to another worker's
 /// write in between).

@@ -164,3 +164,24 @@ fn an_answer_l1_cannot_hold_sends_followers_to_gemini_on_their_own() {
     assert!(follower.owns_call(gw.host.dispatched[0].0));
     assert_eq!(gw.host.counted(&Counter::Coalesced), 0);
 }
+
+#[test]
+fn configure_gives_every_lease_slot_a_version_and_a_reload_keeps_live_leases() {
+    use crate::flight::{EMPTY_SLOT, FLIGHT_SLOTS};
+    let mut gw = Gateway::new(L1_ONLY);
+    let slots = |gw: &Gateway| gw.host.shared.keys().filter(|k| k.starts_with("gemini_image.flight.")).count();
+    assert_eq!(slots(&gw), FLIGHT_SLOTS as usize, "no lease write is ever made without a version");
+    let _leader = start(&mut gw, json!({"prompt": "a heron"}), None);
+    let live: Vec<(String, Vec<u8>)> = gw
+        .host
+        .shared
+        .iter()
+        .filter(|(k, v)| k.starts_with("gemini_image.flight.") && v.as_slice() != EMPTY_SLOT)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(live.len(), 1, "the leader's lease");
+    // Another VM configuring (a reload, another worker starting late) leaves it alone.
+    let mut other = WorkerDriver::default();
+    other.configure(&mut gw.host, L1_ONLY.as_bytes(), &|_| None).expect("valid");
+    assert_eq!(gw.host.shared.get(&live[0].0), Some(&live[0].1));
+}

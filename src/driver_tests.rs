@@ -641,7 +641,7 @@ fn no_cache_skips_the_lookup_and_no_store_skips_both() {
     let mut gw = Gateway::new(CACHED);
     let r = gw.request(json!({"prompt": "q"}), Some("no-store"));
     assert_eq!(r.header("x-image-cache"), Some("bypass"));
-    assert!(gw.l2_writes.is_empty() && gw.host.shared.is_empty());
+    assert!(gw.l2_writes.is_empty() && gw.host.cached().is_empty());
     assert_eq!(gw.counted(Counter::CacheBypass), 1);
     let r = gw.request(json!({"prompt": "q"}), None);
     assert_eq!(r.header("x-image-cache"), Some("miss"), "nothing was stored");

@@ -19,7 +19,7 @@ use crate::error::{ApiError, ErrorCode};
 
 /// Shared-data slots that hold leases: a bounded set, so shared data never grows with traffic.
 /// A few hundred is plenty: a slot is busy only while a generation is in flight (seconds).
-pub const FLIGHT_SLOTS: u32 = 256;
+pub const FLIGHT_SLOTS: u32 = 1024;
 
 /// The longest error body a `Failed` lease carries. The filter's own errors are a few hundred
 /// bytes (Gemini's messages are cut to 300 characters), so this only guards the bound.
@@ -34,8 +34,18 @@ const MAGIC: &[u8; 4] = b"GIF1";
 /// L1 slot share a flight slot too. The seed goes through a bijective mixer first, so the two
 /// kinds of collision are independent.
 pub fn slot_key(key: &CacheKey) -> String {
-    format!("gemini_image.flight.{}", slot_index(key.slot_seed))
+    slot_key_at(slot_index(key.slot_seed))
 }
+
+/// The shared-data key of slot `n`.
+pub fn slot_key_at(n: u32) -> String {
+    format!("gemini_image.flight.{n}")
+}
+
+/// What an unused slot holds once seeded: a value that reads as no lease. A slot that holds
+/// something has a version, so every lease write is a compare-and-swap; on a key that does not
+/// exist yet, Envoy writes whatever the version, and two workers could both lead.
+pub const EMPTY_SLOT: &[u8] = b"-";
 
 /// The slot number behind `slot_key`.
 pub fn slot_index(slot_seed: u64) -> u32 {

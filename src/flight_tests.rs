@@ -447,7 +447,7 @@ fn cache_key(i: u32) -> CacheKey {
 #[test]
 fn slot_keys_stay_within_the_slots_and_use_them_all() {
     let mut used = vec![false; FLIGHT_SLOTS as usize];
-    for i in 0..10_000 {
+    for i in 0..20_000 {
         let key = cache_key(i);
         let name = slot_key(&key);
         let n: u32 = name.strip_prefix("gemini_image.flight.").expect("the prefix").parse().expect("a number");
