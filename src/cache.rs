@@ -10,6 +10,7 @@ use crate::gemini::Usage;
 use crate::hash::hex;
 use crate::image_type::ImageType;
 use crate::openai::ImageView;
+use crate::reader::Reader;
 use crate::request::ImageRequest;
 
 const ENTRY_MAGIC: &[u8; 4] = b"GIE1";
@@ -127,34 +128,11 @@ pub fn encode_entry(key: &str, created: u64, usage: Option<Usage>, images: &[Ima
     out
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.at.checked_add(n)?;
-        let s = self.bytes.get(self.at..end)?;
-        self.at = end;
-        Some(s)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self, n: usize) -> Option<&'a str> {
-        std::str::from_utf8(self.take(n)?).ok()
-    }
-}
-
 /// Reads an entry; `None` for anything that is not a whole, well-formed entry for `key`. This
 /// checks structure only: enough for entries this filter wrote into shared data (L1); an entry
 /// from outside the process (L2) must also pass `verify_untrusted`.
 pub fn decode_entry<'a>(bytes: &'a [u8], key: &str) -> Option<Entry<'a>> {
-    let mut r = Reader { bytes, at: 0 };
+    let mut r = Reader::new(bytes);
     if r.take(4)? != ENTRY_MAGIC {
         return None;
     }
@@ -190,7 +168,7 @@ pub fn decode_entry<'a>(bytes: &'a [u8], key: &str) -> Option<Entry<'a>> {
         let base64 = r.take(b64_len)?;
         images.push(ImageView { mime_type, text, base64 });
     }
-    if r.at != bytes.len() {
+    if r.rest() != 0 {
         return None;
     }
     Some(Entry { key: stored_key, created, usage, images })

@@ -16,6 +16,7 @@
 
 use crate::cache::CacheKey;
 use crate::error::{ApiError, ErrorCode};
+use crate::reader::Reader;
 
 /// Shared-data slots that hold leases: a bounded set, so shared data never grows with traffic.
 /// A few hundred is plenty: a slot is busy only while a generation is in flight (seconds).
@@ -159,7 +160,7 @@ pub fn encode(lease: &Lease) -> Vec<u8> {
 /// whose status is not an error or whose body is over `MAX_ERROR_BYTES`. Lengths are checked
 /// against what is there before anything is copied, so a huge length field costs nothing.
 pub fn decode(bytes: &[u8]) -> Option<Lease> {
-    let mut r = Reader { bytes, at: 0 };
+    let mut r = Reader::new(bytes);
     if r.take(4)? != MAGIC {
         return None;
     }
@@ -190,7 +191,7 @@ pub fn decode(bytes: &[u8]) -> Option<Lease> {
         }
         _ => return None,
     };
-    if r.at != bytes.len() {
+    if r.rest() != 0 {
         return None;
     }
     Some(Lease { key, flight, state, expires_at_ms })
@@ -216,29 +217,6 @@ fn generic_error(status: u32) -> Vec<u8> {
         _ => ErrorCode::InternalError,
     };
     crate::openai::error_body(&ApiError::new(code, "The identical request this one waited for failed."))
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.at.checked_add(n)?;
-        let s = self.bytes.get(self.at..end)?;
-        self.at = end;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1)?.first().copied()
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
 }
 
 /// A lease at or past its expiry: `now_ms >= expires_at_ms`, as for L1 entries.

@@ -28,6 +28,7 @@ pub mod multipart;
 pub mod named;
 pub mod openai;
 pub mod policy;
+pub mod reader;
 pub mod request;
 pub mod safety;
 pub mod stream;

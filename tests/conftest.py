@@ -102,6 +102,26 @@ def client(envoy):
     return Client(envoy)
 
 
+def log_of(e, rid, timeout=10):
+    """The filter's one log line for request `rid` (waiting for it to be written)."""
+    from harness import wait_for
+    lines = wait_for(lambda: log_lines(e, rid), timeout=timeout)
+    assert len(lines) == 1, "one log line per request, got %r" % lines
+    return lines[0]
+
+
+THREAD = re.compile(r"^\[[^\]]*\]\[(\d+)\]")
+
+
+def worker_of(e, rid):
+    """The Envoy thread that logged request `rid` (the second bracket of Envoy's log format)."""
+    log_of(e, rid)
+    for line in e.log().splitlines():
+        if rid in line and '"event":"image_generation"' in line:
+            return THREAD.match(line).group(1)
+    return None
+
+
 def log_lines(envoy, needle):
     """The filter's JSON log lines that hold `needle`."""
     out = []

@@ -34,7 +34,7 @@ import uuid
 
 import pytest
 
-from conftest import API_KEY, assert_no_secrets, log_lines, unique
+from conftest import API_KEY, assert_no_secrets, log_lines, log_of, unique, worker_of
 from harness import Envoy, free_port, http, post_image, wait_for, with_plugin
 
 
@@ -127,23 +127,7 @@ def wait_metric(e, name, expected):
     return metric(e, name)
 
 
-def log_of(e, rid):
-    """The filter's one log line for request `rid`."""
-    lines = wait_for(lambda: log_lines(e, rid), timeout=10)
-    assert len(lines) == 1, "one log line per request, got %r" % lines
-    return lines[0]
 
-
-THREAD = re.compile(r"^\[[^\]]*\]\[(\d+)\]")
-
-
-def worker_of(e, rid):
-    """The Envoy thread that logged request `rid` (the second bracket of Envoy's log format)."""
-    log_of(e, rid)
-    for line in e.log().splitlines():
-        if rid in line and '"event":"image_generation"' in line:
-            return THREAD.match(line).group(1)
-    return None
 
 
 def prompt_hash(prompt):

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import API_KEY, assert_no_secrets, log_lines, unique
+from conftest import API_KEY, assert_no_secrets, log_lines, log_of, unique, worker_of
 from harness import ROOT, WASM, Envoy, envoy_bin, free_port, http, post_image, render_envoy, wait_for, with_plugin
 
 # --- JWTs, signed here (HS256) ------------------------------------------------------------
@@ -227,22 +227,7 @@ def call_form(e, prompt, path="/v1/images/edits", listener="images", profile=Non
     return Answer(status, hdrs, raw, rid)
 
 
-def log_of(e, rid):
-    """The filter's one log line for request `rid`."""
-    lines = wait_for(lambda: log_lines(e, rid), timeout=5)
-    assert len(lines) == 1, "one log line per request, got %r" % lines
-    return lines[0]
 
-
-THREAD = re.compile(r"^\[[^\]]*\]\[(\d+)\]")
-
-
-def worker_of(e, rid):
-    """The Envoy thread that logged request `rid` (the second bracket of Envoy's log format)."""
-    for line in e.log().splitlines():
-        if rid in line and '"event":"image_generation"' in line:
-            return THREAD.match(line).group(1)
-    return None
 
 
 def metric(e, name):
