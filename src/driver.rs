@@ -283,6 +283,14 @@ impl WorkerDriver {
                 if settings.cache.as_ref().is_some_and(|c| c.coalesce) {
                     seed_flight_slots(host);
                 }
+                // The token fetch lease too: a first write to a key that does not exist is
+                // made whatever the version, and two workers could both fetch.
+                for (b, ..) in metadata_backends(&settings) {
+                    let lease_key = format!("{}.lease", backends::token_key(&settings.backends, b));
+                    if host.shared_get_cas(&lease_key).1.is_none() {
+                        host.shared_set(&lease_key, b"0");
+                    }
+                }
                 self.settings = Some(Rc::new(settings));
                 Ok(tick)
             }
@@ -760,7 +768,7 @@ impl StreamDriver {
         loop {
             let now = host.now_ms();
             let remaining = plan.deadline_ms.saturating_sub(now);
-            if attempts.count >= max || (attempts.count > 0 && remaining < MIN_ATTEMPT_MS) {
+            if attempts.count >= max || remaining == 0 || (attempts.count > 0 && remaining < MIN_ATTEMPT_MS) {
                 let outcome = last.unwrap_or_else(|| failed(ApiError::timed_out("Gemini did not answer in time")));
                 return self.call_done(index, outcome, &attempts, now);
             }
@@ -830,12 +838,16 @@ impl StreamDriver {
     /// profile's), then the profile's images per minute across all workers. Nothing is held
     /// when the answer is no.
     fn admit(&mut self, host: &mut dyn Host, bytes: u64, images: u32) -> Admission {
+        // A request admitted before (to wait for a flight) gives that back first.
+        self.release();
         let granted = self.worker.try_borrow_mut().is_ok_and(|mut w| w.admit(&self.settings.profile, bytes));
         if !granted {
             return Admission::Overloaded;
         }
         self.held = Some(bytes);
-        let Some(per_minute) = self.settings.profile.images_per_minute else { return Admission::Granted };
+        let Some(per_minute) = self.settings.profile.images_per_minute.filter(|_| images > 0) else {
+            return Admission::Granted;
+        };
         match take_images(host, &self.settings.profile.bucket_key(), per_minute, images) {
             Ok(()) => Admission::Granted,
             Err(retry_after_s) => {

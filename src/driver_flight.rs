@@ -157,7 +157,8 @@ impl StreamDriver {
         let Some(Seat::Follow { slot, key, flight, deadline_ms }) = &self.flight.seat else { return };
         let now = host.now_ms();
         let news = match flight::outlook(host.shared_get(slot).as_deref(), key, *flight, now) {
-            Outlook::Waiting if now >= *deadline_ms => FlightNews::TimedOut,
+            // Past its own deadline a request does not start a generation either.
+            Outlook::Waiting | Outlook::Lost | Outlook::OnYourOwn if now >= *deadline_ms => FlightNews::TimedOut,
             Outlook::Waiting => return,
             Outlook::Ready => FlightNews::Ready,
             Outlook::Failed { status, retry_after_s, body } => FlightNews::Failed { status, retry_after_s, body },
@@ -171,7 +172,14 @@ impl StreamDriver {
     /// A leader whose exchange has ended tells its followers how: the lease says so until
     /// they have looked. Runs after every batch of effects.
     pub(super) fn finish_flight(&mut self, host: &mut dyn Host) {
-        if !self.flight.leads() || !self.exchange.as_ref().is_some_and(Exchange::is_done) {
+        if !self.exchange.as_ref().is_some_and(Exchange::is_done) {
+            return;
+        }
+        if matches!(self.flight.seat, Some(Seat::Follow { .. })) {
+            self.flight.seat = None; // answered otherwise (refused room to wait): nothing to look at
+            return;
+        }
+        if !self.flight.leads() {
             return;
         }
         let end = self.exchange.as_mut().and_then(Exchange::take_flight_end);
@@ -204,6 +212,10 @@ impl StreamDriver {
         }
         let busy = !self.flight.deferred.is_empty() || self.pending.iter().any(|c| c.root_owned);
         if !self.flight.leads() || !busy {
+            // Nobody waits on it: calls the root sent for it are dropped (their answers go
+            // nowhere), so no retry is made for a client that left.
+            self.flight.deferred.clear();
+            self.pending.retain(|c| !c.root_owned);
             return false;
         }
         self.flight.detached = true;

@@ -185,3 +185,31 @@ fn configure_gives_every_lease_slot_a_version_and_a_reload_keeps_live_leases() {
     other.configure(&mut gw.host, L1_ONLY.as_bytes(), &|_| None).expect("valid");
     assert_eq!(gw.host.shared.get(&live[0].0), Some(&live[0].1));
 }
+
+#[test]
+fn waiting_counts_in_the_workers_in_flight_bounds() {
+    let config = r#"{"cache": {"l1": {}}, "limits": {"max_inflight_requests": 1}}"#;
+    let mut gw = Gateway::new(config);
+    let leader = start(&mut gw, json!({"prompt": "an otter"}), None);
+    assert!(leader.is_parked());
+    let follower = start(&mut gw, json!({"prompt": "an otter"}), None);
+    let r = gw.host.replies.pop().expect("no room to wait");
+    assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (503, Some("IMG_OVERLOADED")));
+    assert_eq!(gw.worker().borrow().budget.requests, 1, "the leader's alone");
+    drop(follower);
+    drop(leader);
+    assert_eq!(gw.worker().borrow().budget.requests, 0, "given back by both");
+}
+
+#[test]
+fn a_follower_past_its_deadline_does_not_start_a_generation() {
+    let mut gw = Gateway::new(L1_ONLY);
+    let mut leader = start(&mut gw, json!({"prompt": "a crane"}), None);
+    let mut follower = start(&mut gw, json!({"prompt": "a crane"}), None);
+    leader.on_log(&mut gw.host); // its client left before the root sent its call: it goes on
+    gw.host.now = NOW_MS + 200_000; // past the follower's deadline and the lease
+    follower.on_root_tick(&mut gw.host);
+    let r = gw.host.replies.pop().expect("an answer");
+    assert_eq!(r.status, 504);
+    assert!(gw.host.dispatched.is_empty(), "no call for a request out of time");
+}

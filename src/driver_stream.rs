@@ -20,6 +20,22 @@ pub const UPSTREAM_HEADER: &str = "x-gemini-image-filter-upstream";
 /// and `accept-encoding` never reach Google.
 pub const KEPT_HEADERS: [&str; 4] = ["x-request-id", "traceparent", "tracestate", "x-forwarded-proto"];
 
+/// As on every other answer of the filter: no trace of the router's timing, and none of
+/// Google's transport headers.
+fn drop_upstream_headers(host: &mut dyn Host) {
+    for name in [
+        "x-envoy-upstream-service-time",
+        "alt-svc",
+        "server-timing",
+        "vary",
+        "x-xss-protection",
+        "x-frame-options",
+        "x-content-type-options",
+    ] {
+        host.set_response_header(name, None);
+    }
+}
+
 /// What a streamed request's response is, to the filter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 enum Response {
@@ -164,8 +180,7 @@ impl StreamDriver {
             StreamHead::NotOurs => Verdict::Continue,
             StreamHead::Events(headers) => {
                 host.set_response_header("content-length", None);
-                // As on every other answer of the filter: no trace of the router's timing.
-                host.set_response_header("x-envoy-upstream-service-time", None);
+                drop_upstream_headers(host);
                 for (name, value) in &headers {
                     host.set_response_header(name, Some(value));
                 }
@@ -196,7 +211,22 @@ impl StreamDriver {
                 let chunk = host.response_body(body_size);
                 let now = host.now_ms();
                 match self.exchange.as_mut().and_then(|ex| ex.on_upstream_body(&chunk, end_of_stream, now)) {
-                    Some((out, effects)) => {
+                    Some((mut out, mut effects)) => {
+                        // What the stream holds counts in the worker's bounds, as a call-out's
+                        // answer does: past them, the stream ends with an error event.
+                        let holds = self.exchange.as_ref().and_then(Exchange::stream_held_bytes).unwrap_or(0);
+                        let reserved = self.held.unwrap_or(0);
+                        if holds > reserved && !self.grow(holds - reserved) {
+                            let mut e = ApiError::new(
+                                ErrorCode::Overloaded,
+                                format!("Gemini's stream holds {holds} bytes, more than this gateway worker may hold right now"),
+                            );
+                            e.retry_after = Some(crate::exchange::OVERLOADED_RETRY_AFTER_S);
+                            if let Some((more, ended)) = self.exchange.as_mut().and_then(|ex| ex.abort_stream(e, now)) {
+                                out.extend(more);
+                                effects.extend(ended);
+                            }
+                        }
                         if !host.set_response_body(body_size, &out) {
                             host.log(LogLevel::Error, "gemini-image-filter: the host refused a stream's events");
                         }
@@ -273,6 +303,7 @@ impl StreamDriver {
     /// Writes a reply over the held upstream response: status, headers, body.
     pub(super) fn rewrite_response(&mut self, host: &mut dyn Host, reply: &Reply) {
         let Some(len) = self.upstream.rewriting else { return };
+        drop_upstream_headers(host);
         let mut ok = host.set_response_header(":status", Some(&reply.status.to_string()));
         for (name, value) in &reply.headers {
             ok &= host.set_response_header(name, Some(value));

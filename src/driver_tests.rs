@@ -1103,6 +1103,9 @@ fn a_vertex_token_is_fetched_by_the_root_shared_and_refreshed() {
     let config = r#"{"backends": [{"name": "vx", "kind": "vertex", "cluster": "vertex", "project": "p", "location": "global",
                       "auth": {"metadata": {"cluster": "metadata"}}}]}"#;
     let mut gw = Gateway::new(config);
+    // The fetch lease exists from configure on, so that taking it is always a compare-and-swap
+    // (on a key that does not exist, Envoy writes whatever the version: two workers fetched).
+    assert!(gw.host.shared_cas.keys().any(|k| k.ends_with(".lease")), "{:?}", gw.host.shared.keys());
     // No token yet: 502, and no call to Google.
     let r = gw.request(json!({"prompt": "p"}), Some("no-store"));
     assert_eq!((r.status, json_of(&r)["error"]["code"].as_str()), (502, Some("IMG_UPSTREAM_AUTH")));

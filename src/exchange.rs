@@ -738,6 +738,10 @@ impl Exchange {
         let Some(planned) = self.take(Phase::into_admitting) else { return Vec::new() };
         let mut counted = None;
         let e = match admission {
+            Admission::Granted if std::mem::take(&mut self.flight.admitting_wait) => {
+                self.phase = Phase::Waiting(planned);
+                return Vec::new();
+            }
             Admission::Granted => return self.call_gemini(planned, now_ms),
             Admission::Overloaded => {
                 let mut e = ApiError::new(
@@ -1138,10 +1142,15 @@ impl Exchange {
         }
         ending.error = Some(e.code);
         let body = Rc::new(openai::error_body(&e));
-        self.flight.led(exchange_flight::FlightEnd::Failed {
-            status: ending.status,
-            retry_after_s: e.retry_after,
-            body: body.to_vec(),
+        // Only Gemini's verdict is shared with those waiting; a refusal of this worker's or
+        // profile's own (overloaded, an answer too large to hold, rate limited) is not.
+        self.flight.led(match e.code {
+            ErrorCode::Overloaded | ErrorCode::RateLimited => exchange_flight::FlightEnd::Abandoned,
+            _ => exchange_flight::FlightEnd::Failed {
+                status: ending.status,
+                retry_after_s: e.retry_after,
+                body: body.to_vec(),
+            },
         });
         let mut effects = vec![Effect::Reply(Reply { status: ending.status, headers, body })];
         effects.extend(self.report(&ending, now_ms));

@@ -56,6 +56,8 @@ pub(super) struct FlightPart {
     pub coalesced: bool,
     /// Told to call Gemini on its own: it does not join a flight again.
     alone: bool,
+    /// Asking for room to wait (not to call Gemini).
+    pub admitting_wait: bool,
     /// Its client left while it led a flight: it goes on without replying.
     pub client_gone: bool,
     end: Option<FlightEnd>,
@@ -99,8 +101,13 @@ impl Exchange {
             }
             FlightRole::Alone => self.admit(planned),
             FlightRole::Follow => {
-                self.phase = Phase::Waiting(planned);
-                Vec::new()
+                // What it holds while it waits (its body; an edit's upload) counts in the
+                // worker's in-flight bounds, as a leader's does: a crowd of waiting requests is
+                // refused as overloaded rather than running the VM out of memory.
+                self.flight.admitting_wait = true;
+                let bytes = planned.call_body_len();
+                self.phase = Phase::Admitting(planned);
+                vec![Effect::Admit { bytes, images: 0 }]
             }
         }
     }

@@ -157,6 +157,23 @@ impl Exchange {
         Some((out, effects))
     }
 
+    /// What the stream holds in memory now (an unfinished event, the final image), while it
+    /// is read.
+    pub fn stream_held_bytes(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Streaming(_, s) => Some(s.transform.held_bytes() as u64),
+            _ => None,
+        }
+    }
+
+    /// Ends an open stream with `e` (the worker has no room for what it holds): the error
+    /// event, and the log line and counters.
+    pub fn abort_stream(&mut self, e: ApiError, now_ms: u64) -> Option<(Vec<u8>, Vec<Effect>)> {
+        let Phase::Streaming(_, s) = &mut self.phase else { return None };
+        let out = s.transform.abort(e);
+        Some((out, self.stream_ended(now_ms)))
+    }
+
     /// Gemini refused the stream before any event: the usual JSON error (its `Reply` effect
     /// is written over the held response by the driver).
     pub fn on_upstream_error(&mut self, outcome: CallOutcome, now_ms: u64) -> Vec<Effect> {

@@ -189,10 +189,11 @@ impl Root {
         f: impl FnOnce(&mut StreamDriver, &mut ProxyHost),
     ) {
         if let Ok(mut d) = driver.try_borrow_mut() {
-            if !d.is_detached() {
-                let _ = proxy_wasm::hostcalls::set_effective_context(context_id);
+            // A stream whose context is gone must not answer through whichever was set last.
+            let here = d.is_detached() || proxy_wasm::hostcalls::set_effective_context(context_id).is_ok();
+            if here {
+                f(&mut d, &mut self.host);
             }
-            f(&mut d, &mut self.host);
         }
         self.parked.sync(context_id, driver);
     }
