@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use crate::access_log::LogLevel;
-use crate::backends::{self, Attempts, Backends, Cooldown, Credential, KeyRef, Next, Pick, Token};
+use crate::backends::{self, Attempts, Backends, CoolReason, Cooldown, Credential, KeyRef, Next, Pick, Token};
 use crate::cache;
 use crate::config::{ConfigError, Settings};
 use crate::endpoint::Endpoint;
@@ -283,13 +283,8 @@ impl WorkerDriver {
                 if settings.cache.as_ref().is_some_and(|c| c.coalesce) {
                     seed_flight_slots(host);
                 }
-                // The token fetch lease too: a first write to a key that does not exist is
-                // made whatever the version, and two workers could both fetch.
                 for (b, ..) in metadata_backends(&settings) {
-                    let lease_key = format!("{}.lease", backends::token_key(&settings.backends, b));
-                    if host.shared_get_cas(&lease_key).1.is_none() {
-                        host.shared_set(&lease_key, b"0");
-                    }
+                    create_if_absent(host, &format!("{}.lease", backends::token_key(&settings.backends, b)), b"0");
                 }
                 self.settings = Some(Rc::new(settings));
                 Ok(tick)
@@ -725,20 +720,14 @@ impl StreamDriver {
         let now = host.now_ms();
         let elapsed = response.elapsed_ms;
         let outcome = gemini::read_call(response);
-        let settings = self.settings.clone();
-        let backend_name = settings.backends.list.get(key.backend).map_or("", |b| b.name.as_str());
-        host.observe(Histogram::UpstreamLatencyMs, elapsed);
-        host.count(&Counter::UpstreamAttempts(backend_name.to_string(), key.key, AttemptOutcome::of(&outcome)), 1);
-        let Some(retry) = settings.backends.retry else {
+        self.count_attempt(host, key, AttemptOutcome::of(&outcome), elapsed);
+        if self.settings.backends.retry.is_none() {
             return self.call_done(index, outcome, &attempts, now); // one backend, one try
-        };
+        }
         match backends::next_after(&outcome) {
             Next::Final => self.call_done(index, outcome, &attempts, now),
             Next::Cool(reason) => {
-                let retry_after = outcome.result.as_ref().err().and_then(|e| e.retry_after);
-                let cooldown = backends::cooldown_for(reason, retry_after, &retry, now);
-                host.shared_set(&backends::cooldown_key(&settings.backends, key), &cooldown.encode());
-                host.count(&Counter::KeyCooldowns(backend_name.to_string(), key.key), 1);
+                self.cool_key(host, key, reason, &outcome, now);
                 self.attempt(host, index, attempts, Some(outcome))
             }
             Next::NextBackend => {
@@ -746,6 +735,25 @@ impl StreamDriver {
                 self.attempt(host, index, attempts, Some(outcome))
             }
         }
+    }
+
+    /// An attempt's counters: how long it took and how it ended, by backend and key.
+    fn count_attempt(&self, host: &mut dyn Host, key: KeyRef, outcome: AttemptOutcome, elapsed_ms: u64) {
+        let backend_name = self.settings.backends.list.get(key.backend).map_or("", |b| b.name.as_str());
+        host.observe(Histogram::UpstreamLatencyMs, elapsed_ms);
+        host.count(&Counter::UpstreamAttempts(backend_name.to_string(), key.key, outcome), 1);
+    }
+
+    /// Cools key `key` down for every worker after an answer that says so (a quota, a refused
+    /// key), for the answer's own delay when it gave one; nothing without `retry`.
+    fn cool_key(&self, host: &mut dyn Host, key: KeyRef, reason: CoolReason, outcome: &CallOutcome, now: u64) {
+        let backends = &self.settings.backends;
+        let Some(retry) = backends.retry else { return };
+        let retry_after = outcome.result.as_ref().err().and_then(|e| e.retry_after);
+        let cooldown = backends::cooldown_for(reason, retry_after, &retry, now);
+        host.shared_set(&backends::cooldown_key(backends, key), &cooldown.encode());
+        let backend_name = backends.list.get(key.backend).map_or("", |b| b.name.as_str());
+        host.count(&Counter::KeyCooldowns(backend_name.to_string(), key.key), 1);
     }
 
     /// Starts the next attempt of call `index`: the first usable key in backend order, within
@@ -1117,14 +1125,20 @@ fn upstream_call(
     HttpCall { cluster: backend.map(|b| b.cluster.clone()).unwrap_or_default(), headers, body, timeout_ms }
 }
 
-/// Gives every lease slot a value, once per Envoy (a slot that holds one is left alone, so a
-/// reload never wipes a live lease): from then on every lease write is a compare-and-swap.
+/// Gives every lease slot a value (see `create_if_absent`).
 fn seed_flight_slots(host: &mut dyn Host) {
     for n in 0..crate::flight::FLIGHT_SLOTS {
-        let key = crate::flight::slot_key_at(n);
-        if host.shared_get_cas(&key).1.is_none() {
-            host.shared_set(&key, crate::flight::EMPTY_SLOT);
-        }
+        create_if_absent(host, &crate::flight::slot_key_at(n), crate::flight::EMPTY_SLOT);
+    }
+}
+
+/// Writes `value` under a shared-data key that does not exist yet, at configure time, and
+/// leaves one that does alone (a reload never wipes a live lease). Envoy writes a key that does
+/// not exist whatever version is given, so a compare-and-swap lease (the flights', the token
+/// fetch's) must exist before workers race for it: two workers were seen to both take one.
+fn create_if_absent(host: &mut dyn Host, key: &str, value: &[u8]) {
+    if host.shared_get_cas(key).1.is_none() {
+        host.shared_set(key, value);
     }
 }
 

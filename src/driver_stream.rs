@@ -186,7 +186,9 @@ impl StreamDriver {
                 }
                 self.upstream.response = Response::Events;
                 let now = host.now_ms();
-                self.count_attempt(host, AttemptOutcome::Ok, now);
+                if let Some(key) = self.upstream.key {
+                    self.count_attempt(host, key, AttemptOutcome::Ok, now.saturating_sub(self.upstream.sent_ms));
+                }
                 Verdict::Continue
             }
             StreamHead::Hold => {
@@ -282,16 +284,11 @@ impl StreamDriver {
             timeout_ms: self.upstream.timeout_ms,
         };
         let outcome = gemini::read_call(response);
-        self.count_attempt(host, AttemptOutcome::of(&outcome), now);
-        let settings = self.settings.clone();
-        if let (Some(key), Some(retry), Next::Cool(reason)) =
-            (self.upstream.key, settings.backends.retry, backends::next_after(&outcome))
-        {
-            let retry_after = outcome.result.as_ref().err().and_then(|e| e.retry_after);
-            let cooldown = backends::cooldown_for(reason, retry_after, &retry, now);
-            host.shared_set(&backends::cooldown_key(&settings.backends, key), &cooldown.encode());
-            let backend_name = settings.backends.list.get(key.backend).map_or("", |b| b.name.as_str());
-            host.count(&Counter::KeyCooldowns(backend_name.to_string(), key.key), 1);
+        if let Some(key) = self.upstream.key {
+            self.count_attempt(host, key, AttemptOutcome::of(&outcome), now.saturating_sub(self.upstream.sent_ms));
+            if let Next::Cool(reason) = backends::next_after(&outcome) {
+                self.cool_key(host, key, reason, &outcome, now);
+            }
         }
         let effects = match self.exchange.as_mut() {
             Some(ex) => ex.on_upstream_error(outcome, now),
@@ -313,14 +310,6 @@ impl StreamDriver {
         if !ok {
             host.log(LogLevel::Error, "gemini-image-filter: the host refused to rewrite a refused stream's answer");
         }
-    }
-
-    /// The attempt's counters, as a call-out's (time to Gemini's headers for a stream).
-    fn count_attempt(&mut self, host: &mut dyn Host, outcome: AttemptOutcome, now: u64) {
-        let Some(key) = self.upstream.key else { return };
-        let backend_name = self.settings.backends.list.get(key.backend).map_or("", |b| b.name.as_str());
-        host.observe(Histogram::UpstreamLatencyMs, now.saturating_sub(self.upstream.sent_ms));
-        host.count(&Counter::UpstreamAttempts(backend_name.to_string(), key.key, outcome), 1);
     }
 }
 

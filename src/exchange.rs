@@ -574,7 +574,12 @@ impl Exchange {
             safety: Some(req.safety),
         };
         let cache = self.plan_cache(&req);
-        let planned = Box::new(Planned { req, call_body, cache });
+        self.look_up(Box::new(Planned { req, call_body, cache }))
+    }
+
+    /// Looks the key up, L1 first (then L2, then the miss), unless the request skips the
+    /// lookup or nothing is cached.
+    fn look_up(&mut self, planned: Box<Planned>) -> Vec<Effect> {
         match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
             (Some(key), Some(l1)) if planned.cache.lookup => {
                 let effect = Effect::LookupL1 {
@@ -765,9 +770,6 @@ impl Exchange {
                 e
             }
         };
-        // A refusal of room is this request's own (its worker, its profile): those waiting on
-        // it do not share it; one of them takes over.
-        self.flight.led(exchange_flight::FlightEnd::Abandoned);
         let ending = Ending::new(e.status(), Outcome::Error, Some(&planned));
         let mut effects = self.error_reply(e, ending, now_ms);
         effects.extend(counted);
@@ -980,7 +982,7 @@ impl Exchange {
         if let Some(ask) = planned.req.stream {
             // A stream gets the cached image as its one completed event.
             let body = match entry.images.first() {
-                Some(image) => streamed::cached_event(&self.event_meta(ask, now_ms), image, entry.usage),
+                Some(image) => crate::stream::cached_completed_event(&self.event_meta(ask, now_ms), image, entry.usage),
                 None => return Err(EntryMiss::Unreadable),
             };
             let images = entry.images.len() as u32;
@@ -1132,15 +1134,7 @@ impl Exchange {
     }
 
     /// The error reply, its log line and counters.
-    fn error_reply(&mut self, e: ApiError, mut ending: Ending, now_ms: u64) -> Vec<Effect> {
-        let mut headers = self.common_headers();
-        if !e.code.should_retry() {
-            headers.push(("x-should-retry".to_string(), "false".to_string()));
-        }
-        if let Some(secs) = e.retry_after {
-            headers.push(("retry-after".to_string(), secs.to_string()));
-        }
-        ending.error = Some(e.code);
+    fn error_reply(&mut self, e: ApiError, ending: Ending, now_ms: u64) -> Vec<Effect> {
         let body = Rc::new(openai::error_body(&e));
         // Only Gemini's verdict is shared with those waiting; a refusal of this worker's or
         // profile's own (overloaded, an answer too large to hold, rate limited) is not.
@@ -1152,12 +1146,33 @@ impl Exchange {
                 body: body.to_vec(),
             },
         });
-        let mut effects = vec![Effect::Reply(Reply { status: ending.status, headers, body })];
-        effects.extend(self.report(&ending, now_ms));
-        effects.push(Effect::Count(Counter::Errors(e.code), 1));
+        let mut effects = self.error_answer(e.code, e.retry_after, body, ending, now_ms);
         if let (ErrorCode::SafetyBlocked, Some(level)) = (e.code, self.known.safety) {
             effects.push(Effect::Count(Counter::SafetyBlocks(level), 1));
         }
+        effects
+    }
+
+    /// An error answer with this body: its headers, the reply, the log line and the count.
+    fn error_answer(
+        &mut self,
+        code: ErrorCode,
+        retry_after_s: Option<u64>,
+        body: Rc<Vec<u8>>,
+        mut ending: Ending,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let mut headers = self.common_headers();
+        if !code.should_retry() {
+            headers.push(("x-should-retry".to_string(), "false".to_string()));
+        }
+        if let Some(secs) = retry_after_s {
+            headers.push(("retry-after".to_string(), secs.to_string()));
+        }
+        ending.error = Some(code);
+        let mut effects = vec![Effect::Reply(Reply { status: ending.status, headers, body })];
+        effects.extend(self.report(&ending, now_ms));
+        effects.push(Effect::Count(Counter::Errors(code), 1));
         effects
     }
 

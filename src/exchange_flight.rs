@@ -112,16 +112,6 @@ impl Exchange {
         }
     }
 
-    /// Whether this request waits for another's generation.
-    pub fn is_waiting(&self) -> bool {
-        matches!(self.phase, Phase::Waiting(_))
-    }
-
-    /// Whether this request leads a flight whose outcome is not yet told.
-    pub fn is_leading(&self) -> bool {
-        self.flight.leading
-    }
-
     /// How the flight this request leads ended, once it has (taken once).
     pub fn take_flight_end(&mut self) -> Option<FlightEnd> {
         self.flight.end.take()
@@ -137,13 +127,14 @@ impl Exchange {
     pub fn on_flight_news(&mut self, news: FlightNews, now_ms: u64) -> Vec<Effect> {
         let Some(planned) = self.take(Phase::into_waiting) else { return Vec::new() };
         match news {
+            // The leader's answer is in the cache, or this request runs the miss itself.
             FlightNews::Ready => {
                 self.flight.coalesced = true;
-                self.look_again(planned)
+                self.look_up(planned)
             }
             FlightNews::Lost => {
                 let mut effects = vec![Effect::Count(Counter::CoalesceLeadersLost, 1)];
-                effects.extend(self.look_again(planned));
+                effects.extend(self.look_up(planned));
                 effects
             }
             FlightNews::OnYourOwn => {
@@ -163,24 +154,6 @@ impl Exchange {
         }
     }
 
-    /// Looks the key up again (L1, then L2), as at the end of the body: the leader's answer
-    /// is there, or this request runs the miss itself.
-    fn look_again(&mut self, planned: Box<Planned>) -> Vec<Effect> {
-        match (&planned.cache.key, self.settings.cache.as_ref().and_then(|c| c.l1.as_ref())) {
-            (Some(key), Some(l1)) => {
-                let effect = Effect::LookupL1 {
-                    key: key.clone(),
-                    max_entries: l1.max_entries,
-                    format: planned.req.response_format,
-                    hot: self.url_prefix(&planned.req).is_none(),
-                };
-                self.phase = Phase::AwaitingL1(planned);
-                vec![effect]
-            }
-            _ => self.after_l1(planned),
-        }
-    }
-
     /// The leader's error, answered to a follower as its own client got it.
     fn shared_error(
         &mut self,
@@ -195,18 +168,8 @@ impl Exchange {
             .ok()
             .and_then(|v| v["error"]["code"].as_str().and_then(<ErrorCode as crate::named::Named>::parse))
             .unwrap_or(ErrorCode::UpstreamError);
-        let mut headers = self.common_headers();
-        if !code.should_retry() {
-            headers.push(("x-should-retry".to_string(), "false".to_string()));
-        }
-        if let Some(secs) = retry_after_s {
-            headers.push(("retry-after".to_string(), secs.to_string()));
-        }
-        let mut ending = Ending::new(status, Outcome::Error, Some(planned));
-        ending.error = Some(code);
-        let mut effects = vec![Effect::Reply(Reply { status, headers, body: Rc::new(body) })];
-        effects.extend(self.report(&ending, now_ms));
-        effects.push(Effect::Count(Counter::Errors(code), 1));
+        let ending = Ending::new(status, Outcome::Error, Some(planned));
+        let mut effects = self.error_answer(code, retry_after_s, Rc::new(body), ending, now_ms);
         effects.push(Effect::Count(Counter::Coalesced, 1));
         effects
     }

@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::request::StreamAsk;
-use crate::stream::{self, EventMeta, StreamKind, StreamOptions, StreamState, StreamTransform};
+use crate::stream::{EventMeta, StreamKind, StreamOptions, StreamState, StreamTransform};
 
 /// The one upstream call of a streamed answer.
 pub(super) struct Streamed {
@@ -79,11 +79,6 @@ impl Exchange {
             quality: ask.quality.to_string(),
             background: ask.background.to_string(),
         }
-    }
-
-    /// Whether this request's answer is (to be) an event stream from upstream.
-    pub fn is_streaming(&self) -> bool {
-        matches!(self.phase, Phase::Forwarding(_) | Phase::Streaming(..))
     }
 
     /// The driver sent the request upstream on this backend (`Ok`), or could not (`Err`: no
@@ -258,9 +253,4 @@ impl Exchange {
         }
         effects
     }
-}
-
-/// The completed event of a cached answer.
-pub(super) fn cached_event(meta: &EventMeta, image: &ImageView, usage: Option<Usage>) -> Vec<u8> {
-    stream::cached_completed_event(meta, image, usage)
 }
