@@ -73,6 +73,8 @@ pub trait Host {
     fn response_body(&self, size: usize) -> Vec<u8>;
     /// Replaces the `len` bytes of response body the current callback holds with `body`.
     fn set_response_body(&mut self, len: usize, body: &[u8]) -> bool;
+    /// Resets the response: the client sees a cut stream.
+    fn reset_response(&mut self);
     fn log(&mut self, level: LogLevel, message: &str);
     fn count(&mut self, counter: &Counter, by: u64);
     fn observe(&mut self, histogram: Histogram, value: u64);
@@ -499,6 +501,8 @@ pub struct StreamDriver {
     upstream: streamed::Upstream,
     /// Its part in a flight of identical misses (`driver_flight.rs`).
     flight: flights::FlightSeat,
+    /// A large local reply's body, on its way to the response callbacks (`driver_reply.rs`).
+    carried: carried::Carried,
 }
 
 impl StreamDriver {
@@ -514,6 +518,7 @@ impl StreamDriver {
             plan: None,
             upstream: streamed::Upstream::default(),
             flight: flights::FlightSeat::default(),
+            carried: carried::Carried::default(),
         }
     }
 
@@ -1035,7 +1040,7 @@ impl StreamDriver {
             Effect::Reply(reply) => {
                 if !self.replied {
                     self.replied = true;
-                    if !host.send_reply(&reply) {
+                    if !self.send_local_reply(host, &reply) {
                         host.log(LogLevel::Error, "gemini-image-filter: the host refused the local reply");
                     }
                 }
@@ -1173,6 +1178,9 @@ impl Drop for StreamDriver {
 #[path = "driver_flight.rs"]
 mod flights;
 pub use flights::FOLLOW_POLL_MS;
+
+#[path = "driver_reply.rs"]
+mod carried;
 
 #[path = "driver_stream.rs"]
 mod streamed;

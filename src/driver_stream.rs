@@ -162,7 +162,7 @@ impl StreamDriver {
         Ok(CallMeta { backend: key.backend, attempts: 1 })
     }
 
-    pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
+    pub(super) fn stream_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
         if !self.upstream.forwarded || self.upstream.response != Response::Untouched {
             return Verdict::Continue;
         }
@@ -206,7 +206,7 @@ impl StreamDriver {
         }
     }
 
-    pub fn on_response_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
+    pub(super) fn stream_response_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
         match self.upstream.response {
             Response::Untouched => Verdict::Continue,
             Response::Events => {

@@ -58,6 +58,8 @@ pub struct MemoryHost {
     pub response_headers: Vec<(String, String)>,
     pub response_chunk: Vec<u8>,
     pub response_out: Vec<u8>,
+    pub response_resets: u32,
+    pub refuse_response_body: bool,
 }
 
 impl MemoryHost {
@@ -168,7 +170,13 @@ impl Host for MemoryHost {
     fn response_body(&self, size: usize) -> Vec<u8> {
         self.response_chunk[..size.min(self.response_chunk.len())].to_vec()
     }
+    fn reset_response(&mut self) {
+        self.response_resets += 1;
+    }
     fn set_response_body(&mut self, len: usize, body: &[u8]) -> bool {
+        if self.refuse_response_body {
+            return false;
+        }
         assert_eq!(len, self.response_chunk.len(), "the whole piece is replaced");
         self.response_out.extend_from_slice(body);
         true
@@ -1562,4 +1570,140 @@ fn the_base_comes_from_the_request_when_none_is_configured() {
     let r = gw.host.replies.pop().unwrap();
     let url = json_of(&r)["data"][0]["url"].as_str().unwrap().to_string();
     assert!(url.starts_with("https://images.example:8443/v1/images/files/"), "{url}");
+}
+
+// ---- large replies: sent with a placeholder, their body put in place on the way out ----
+
+/// A PNG's base64 of about `len` bytes (its first bytes a PNG's).
+fn big_png(len: usize) -> String {
+    "iVBORw0KGgo".to_string() + &"A".repeat(len - 12) + "="
+}
+
+/// What Envoy does with a local reply: its headers (with the length of the body it was given)
+/// and then its body go through this filter's response callbacks; what the client gets.
+fn pass_back(host: &mut MemoryHost, stream: &mut StreamDriver, reply: &Reply, head: bool) -> (Vec<(String, String)>, Vec<u8>) {
+    host.response_headers = vec![(":status".into(), reply.status.to_string())];
+    host.response_headers.extend(reply.headers.iter().cloned());
+    host.response_headers.push(("content-length".into(), reply.body.len().to_string()));
+    assert_eq!(stream.on_response_headers(host, head), Verdict::Continue);
+    if head {
+        return (host.response_headers.clone(), Vec::new());
+    }
+    host.response_chunk = reply.body.to_vec();
+    host.response_out.clear();
+    assert_eq!(stream.on_response_body(host, reply.body.len(), true), Verdict::Continue);
+    (host.response_headers.clone(), host.response_out.clone())
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn a_large_reply_goes_out_with_a_placeholder_and_its_body_goes_in_on_the_way_out() {
+    let mut gw = Gateway::new(r#"{"cache": {"l1": {}}}"#);
+    let data = big_png(200_000);
+    let answer = data.clone();
+    gw.gemini = Box::new(move || ok_response(&answer));
+    for expected in ["miss", "hit-l1"] {
+        let mut stream = gw.send(json!({"prompt": "large"}).to_string().as_bytes());
+        gw.answer_calls(&mut stream);
+        let sent = gw.host.replies.pop().expect("a reply");
+        assert_eq!(sent.header("x-image-cache"), Some(expected));
+        assert_eq!(&sent.body[..], b" ", "Envoy is handed one byte, not the body");
+        let (headers, body) = pass_back(&mut gw.host, &mut stream, &sent, false);
+        let v: Value = serde_json::from_slice(&body).expect("the whole answer");
+        assert_eq!(v["data"][0]["b64_json"], data.as_str());
+        assert_eq!(header_of(&headers, "content-length"), Some(&body.len().to_string()[..]));
+        assert_eq!(header_of(&headers, "content-type"), Some("application/json"));
+        // Anything a filter adds after the body is dropped: the client gets the answer alone.
+        gw.host.response_chunk = b"extra".to_vec();
+        gw.host.response_out.clear();
+        stream.on_response_body(&mut gw.host, 5, true);
+        assert!(gw.host.response_out.is_empty());
+        stream.on_log(&mut gw.host);
+    }
+    assert_eq!(gw.gemini_calls, 1);
+    assert_eq!(gw.host.response_resets, 0);
+}
+
+#[test]
+fn small_replies_go_out_whole_and_the_response_callbacks_leave_them_alone() {
+    let mut gw = Gateway::new(CACHED);
+    let mut stream = gw.send(json!({"prompt": "small"}).to_string().as_bytes());
+    gw.answer_calls(&mut stream);
+    let sent = gw.host.replies.pop().expect("a reply");
+    assert!(sent.body.len() > 1 && sent.body.len() < carried::CARRIED_MIN_BYTES);
+    json_of(&sent);
+    let (headers, body) = pass_back(&mut gw.host, &mut stream, &sent, false);
+    assert_eq!(body, Vec::<u8>::new(), "the body callback touched nothing");
+    assert_eq!(header_of(&headers, "content-length"), Some(&sent.body.len().to_string()[..]));
+}
+
+#[test]
+fn an_encoded_placeholder_loses_its_encoding_and_a_refused_body_resets_the_response() {
+    let mut gw = Gateway::new(CACHED);
+    let data = big_png(100_000);
+    gw.gemini = Box::new(move || ok_response(&data));
+    let mut stream = gw.send(json!({"prompt": "compressed"}).to_string().as_bytes());
+    gw.answer_calls(&mut stream);
+    let sent = gw.host.replies.pop().expect("a reply");
+    // A compressor between this filter and the router encoded the placeholder.
+    gw.host.response_headers = vec![(":status".into(), "200".into()), ("content-encoding".into(), "gzip".into())];
+    stream.on_response_headers(&mut gw.host, false);
+    assert_eq!(header_of(&gw.host.response_headers, "content-encoding"), None);
+    let length: usize = header_of(&gw.host.response_headers, "content-length").unwrap().parse().unwrap();
+    assert!(length > 100_000);
+    // The host refuses the body: a cut response, never a one-byte one under that length.
+    assert_eq!(&sent.body[..], b" ");
+    gw.host.response_chunk = b"\x1f\x8b".to_vec();
+    gw.host.refuse_response_body = true;
+    stream.on_response_body(&mut gw.host, 2, true);
+    assert_eq!(gw.host.response_resets, 1);
+    assert!(gw.host.logs.iter().any(|(l, m)| *l == LogLevel::Error && m.contains("refused a reply's body")));
+}
+
+#[test]
+fn a_large_image_url_is_carried_and_a_head_gets_its_length_alone() {
+    let config = r#"{"cache": {"l1": {}}, "urls": {}}"#;
+    let mut gw = Gateway::new(config);
+    let data = big_png(150_000);
+    gw.gemini = Box::new(move || ok_response(&data));
+    gw.host.request_headers = post_headers();
+    gw.host.request_headers.push((":authority".into(), "images.example".into()));
+    gw.host.body = json!({"prompt": "p", "response_format": "url"}).to_string().into_bytes();
+    let mut s = gw.root.new_stream().unwrap();
+    s.on_request_headers(&mut gw.host, false);
+    let size = gw.host.body.len();
+    s.on_request_body(&mut gw.host, size, true);
+    gw.answer_calls(&mut s);
+    let sent = gw.host.replies.pop().unwrap();
+    // The answer itself is small (a URL): it goes out whole.
+    let body = sent.body.to_vec();
+    s.on_log(&mut gw.host);
+    gw.tick();
+    let url = serde_json::from_slice::<Value>(&body).unwrap()["data"][0]["url"].as_str().unwrap().to_string();
+    let path = url.split_once("/v1/images/files/").map(|(_, id)| format!("/v1/images/files/{id}")).unwrap();
+    for method in ["GET", "HEAD"] {
+        gw.host.request_headers = vec![(":path".into(), path.clone()), (":method".into(), method.into())];
+        let mut s = gw.root.new_stream().unwrap();
+        s.on_request_headers(&mut gw.host, true);
+        gw.answer_calls(&mut s);
+        let sent = gw.host.replies.pop().expect("a reply");
+        assert_eq!((sent.status, &sent.body[..]), (200, &b" "[..]));
+        let (headers, body) = pass_back(&mut gw.host, &mut s, &sent, method == "HEAD");
+        let image = crate::base64::decode(big_png(150_000).as_bytes()).unwrap();
+        assert_eq!(header_of(&headers, "content-length"), Some(&image.len().to_string()[..]), "{method}");
+        assert_eq!(header_of(&headers, "content-type"), Some("image/png"));
+        if method == "GET" {
+            assert_eq!(body, image);
+        } else {
+            assert!(body.is_empty());
+            // No body callback comes after a HEAD's headers: nothing is left waiting.
+            gw.host.response_chunk = b"x".to_vec();
+            gw.host.response_out.clear();
+            s.on_response_body(&mut gw.host, 1, true);
+            assert!(gw.host.response_out.is_empty());
+        }
+    }
 }

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from harness import CacheService, Envoy, FakeGemini, free_port, http, with_plugin
+from harness import CacheService, Envoy, FakeGemini, dead_port, free_port, http, with_plugin
 
 API_KEY = "test-key-0123456789"
 CACHE_TOKEN = "cache-token-0123456789"
@@ -50,7 +50,7 @@ def cache_service(workdir):
 
 @pytest.fixture(scope="session")
 def envoy(workdir, fake, cache_service):
-    dead_port = free_port()  # nothing listens there
+    refused_port = dead_port()
     extra = [(name, free_port(), cfg) for name, cfg in LISTENER_CONFIGS.items()]
     e = Envoy(
         workdir,
@@ -58,7 +58,7 @@ def envoy(workdir, fake, cache_service):
         app="127.0.0.1:%d" % fake.port,
         image_cache="127.0.0.1:%d" % cache_service.port,
         extra_listeners=extra,
-        extra_clusters=[("dead", "127.0.0.1", dead_port)],
+        extra_clusters=[("dead", "127.0.0.1", refused_port)],
         env_extra={"GEMINI_API_KEY": API_KEY, "WRONG_GEMINI_KEY": "not-the-key", "IMAGE_CACHE_TOKEN": CACHE_TOKEN},
     )
     yield e

@@ -55,6 +55,19 @@ def tool(name):
 _HANDED_OUT = set()
 
 
+_DEAD = []
+
+
+def dead_port():
+    """A loopback port where nothing listens, for as long as the tests run: a socket bound there
+    without listening holds it, so no server (and no kernel choice of port 0) can take it, and a
+    connection to it is refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _DEAD.append(s)
+    return s.getsockname()[1]
+
+
 def free_port():
     """A free loopback port, never one this process handed out before (the kernel may offer a
     port again before the server it was meant for has bound it)."""

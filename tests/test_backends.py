@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import unique
-from harness import Envoy, FakeGemini, free_port, http, post_image, wait_for, with_plugin
+from harness import Envoy, FakeGemini, dead_port, free_port, http, post_image, wait_for, with_plugin
 
 # The fake's keys, in its index order. Listeners that cool keys use keys of their own: two
 # configurations that use one key share its cool-down (as they share its quota).
@@ -65,7 +65,7 @@ def gateway(workdir, google):
     ]
     e = Envoy(workdir, name="envoy-backends", fake_gemini=google.address, extra_listeners=listeners,
               extra_clusters=[("vertex", "127.0.0.1", google.port), ("gce_metadata", "127.0.0.1", google.port),
-                              ("dead_metadata", "127.0.0.1", free_port())],
+                              ("dead_metadata", "127.0.0.1", dead_port())],
               env_extra=dict(KEYS, GEMINI_API_KEY=KEYS["GK1"]), concurrency=2, doc_hook=expose_keys)
     yield e
     e.stop()

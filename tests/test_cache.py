@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from conftest import API_KEY, CACHE_TOKEN, unique
-from harness import CacheService, Envoy, Redis, free_port, http, post_image as post, serve_in_thread, wait_for, with_plugin
+from harness import CacheService, Envoy, Redis, dead_port, free_port, http, post_image as post, serve_in_thread, wait_for, with_plugin
 
 
 def test_a_repeat_is_an_l1_hit_in_either_response_format(client, fake, envoy):
@@ -130,7 +130,7 @@ class BadCache:
 def troubled(workdir, fake):
     """One Envoy, one listener per L2 trouble: down, slow, 500, garbage, wrong token."""
     bad = {m: BadCache(m) for m in ["slow", "500", "garbage", "token"]}
-    clusters = [("cache_down", "127.0.0.1", free_port())] + [("cache_" + m, "127.0.0.1", b.port) for m, b in bad.items()]
+    clusters = [("cache_down", "127.0.0.1", dead_port())] + [("cache_" + m, "127.0.0.1", b.port) for m, b in bad.items()]
     listeners = []
     for name, _, _ in clusters:
         # L2 alone, so each request reaches it.

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import API_KEY, CACHE_TOKEN, unique
-from harness import CacheService, Envoy, free_port, http, with_plugin
+from harness import CacheService, Envoy, dead_port, free_port, http, with_plugin
 from test_cache import BadCache
 
 GEMINI_TIMEOUT_MS = 2500
@@ -44,9 +44,9 @@ def matrix(workdir, fake):
     up = CacheService(workdir, name="cs-matrix", token=CACHE_TOKEN)
     wrong = CacheService(workdir, name="cs-matrix-wrong-token", token="another-token")
     bad = {m: BadCache(m) for m in ["slow", "500", "garbage"]}
-    cache_ports = {"up": up.port, "down": free_port(), "slow": bad["slow"].port, "500": bad["500"].port,
+    cache_ports = {"up": up.port, "down": dead_port(), "slow": bad["slow"].port, "500": bad["500"].port,
                    "garbage": bad["garbage"].port, "wrong token": wrong.port}
-    clusters = [("dead", "127.0.0.1", free_port())]
+    clusters = [("dead", "127.0.0.1", dead_port())]
     listeners, names = [], {}
     for state, port in cache_ports.items():
         cache_cluster = "cache_" + state.replace(" ", "_")

@@ -12,6 +12,8 @@ pub struct Args {
     pub listen: String,
     pub backend: Backend,
     pub max_bytes: u64,
+    /// The disk store keeps up to this many bytes of recently used values in memory.
+    pub memory_bytes: u64,
     pub max_entry_bytes: usize,
     pub redis_prefix: String,
     /// Bound on reading a request's headers (and on an idle keep-alive connection), and on
@@ -28,7 +30,7 @@ pub struct Args {
 }
 
 const USAGE: &str = "usage: cache-service --listen HOST:PORT (--dir PATH --max-bytes N | --redis URL) \
-[--max-entry-bytes N] [--redis-prefix P] [--read-timeout-ms N] [--write-timeout-ms N] \
+[--memory-bytes N] [--max-entry-bytes N] [--redis-prefix P] [--read-timeout-ms N] [--write-timeout-ms N] \
 [--max-connections N] [--redis-connect-timeout-ms N] [--redis-timeout-ms N]";
 
 fn usage(msg: &str) -> ! {
@@ -62,6 +64,7 @@ pub fn parse() -> Args {
         listen: "127.0.0.1:8090".into(),
         backend: Backend::Redis(String::new()), // set from --dir or --redis below
         max_bytes: 1 << 30,
+        memory_bytes: 256 << 20,
         max_entry_bytes: 64 << 20,
         redis_prefix: "gemini-image-cache:".into(),
         read_timeout: Duration::from_secs(10),
@@ -78,6 +81,7 @@ pub fn parse() -> Args {
             "--dir" => dir = Some(PathBuf::from(value())),
             "--redis" => redis = Some(value()),
             "--max-bytes" => a.max_bytes = number(&flag, &value()),
+            "--memory-bytes" => a.memory_bytes = number(&flag, &value()),
             "--max-entry-bytes" => a.max_entry_bytes = number(&flag, &value()),
             "--redis-prefix" => a.redis_prefix = value(),
             "--read-timeout-ms" => a.read_timeout = millis(&flag, &value()),

@@ -12,6 +12,14 @@
 //! bytes reserved by writes in flight (their temporary files) never exceed `max_bytes`.
 //!
 //! Only files this service wrote are ever removed: a name of its own scheme *and* its magic.
+//!
+//! Memory: the values of the most recently used entries are also kept in memory (up to
+//! `memory_bytes`, least recently used out first), so a hot entry is answered without reading
+//! its file: a 2.8 MB value read from the page cache into a fresh buffer cost about 1 ms per
+//! GET, more than the filter's whole L1 answer. A kept value is the one its file holds: it is
+//! set when the file lands and dropped with the entry (delete, eviction, expiry, overwrite),
+//! all under the index lock; a value read from disk is kept only if the entry was not
+//! rewritten while it was read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -40,6 +48,11 @@ struct Meta {
     size: u64,
     expires_at: u64,
     used: u64,
+    /// The tick of the write that made this entry: a value read from disk is kept only if the
+    /// entry is still that write's.
+    written: u64,
+    /// Its value, when kept in memory.
+    kept: Option<Bytes>,
 }
 
 #[derive(Default)]
@@ -52,6 +65,11 @@ struct Index {
     /// Value bytes of writes in flight, held against the bound until they land or fail.
     reserved: u64,
     tick: u64,
+    /// Entries whose value is kept in memory, by their `used` tick.
+    kept_lru: BTreeMap<u64, String>,
+    /// Bytes of the values kept, and the bound on them.
+    kept_bytes: u64,
+    memory_bytes: u64,
 }
 
 impl Index {
@@ -60,6 +78,10 @@ impl Index {
         let tick = self.tick;
         if let Some(m) = self.entries.get_mut(key) {
             self.lru.remove(&m.used);
+            if m.kept.is_some() {
+                self.kept_lru.remove(&m.used);
+                self.kept_lru.insert(tick, key.to_string());
+            }
             m.used = tick;
             self.lru.insert(tick, key.to_string());
         }
@@ -68,6 +90,10 @@ impl Index {
     fn remove(&mut self, key: &str) -> Option<Meta> {
         let m = self.entries.remove(key)?;
         self.lru.remove(&m.used);
+        if m.kept.is_some() {
+            self.kept_lru.remove(&m.used);
+            self.kept_bytes -= m.size;
+        }
         self.bytes -= m.size;
         Some(m)
     }
@@ -75,9 +101,36 @@ impl Index {
     fn insert(&mut self, key: &str, size: u64, expires_at: u64) {
         self.remove(key);
         self.tick += 1;
-        self.entries.insert(key.to_string(), Meta { size, expires_at, used: self.tick });
-        self.lru.insert(self.tick, key.to_string());
+        let tick = self.tick;
+        self.entries.insert(key.to_string(), Meta { size, expires_at, used: tick, written: tick, kept: None });
+        self.lru.insert(tick, key.to_string());
         self.bytes += size;
+    }
+
+    /// Keeps `value` in memory as the value of `key`, if it is still the entry that `written`
+    /// made, pushing the least recently used kept values out to stay within the bound.
+    fn keep(&mut self, key: &str, written: u64, value: Bytes) {
+        let size = value.len() as u64;
+        if size > self.memory_bytes {
+            return;
+        }
+        match self.entries.get(key) {
+            Some(m) if m.written == written && m.kept.is_none() => {}
+            _ => return,
+        }
+        while self.kept_bytes + size > self.memory_bytes {
+            let Some((_, oldest)) = self.kept_lru.pop_first() else { break };
+            if let Some(m) = self.entries.get_mut(&oldest) {
+                if m.kept.take().is_some() {
+                    self.kept_bytes -= m.size;
+                }
+            }
+        }
+        if let Some(m) = self.entries.get_mut(key) {
+            m.kept = Some(value);
+            self.kept_lru.insert(m.used, key.to_string());
+            self.kept_bytes += size;
+        }
     }
 }
 
@@ -196,7 +249,13 @@ impl DiskStore {
     /// Opens (creating) the directory and rebuilds the index from this service's files in it:
     /// its expired, broken and half-written files are removed, anything else is left alone and
     /// not counted; the entries are ordered by modification time.
+    #[cfg(test)]
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<DiskStore> {
+        DiskStore::open_keeping(dir, max_bytes, 0)
+    }
+
+    /// As `open`, keeping up to `memory_bytes` of the most recently used values in memory.
+    pub fn open_keeping(dir: &Path, max_bytes: u64, memory_bytes: u64) -> std::io::Result<DiskStore> {
         std::fs::create_dir_all(dir)?;
         let now = now_s();
         let mut found = Vec::new();
@@ -235,7 +294,7 @@ impl DiskStore {
             }
         }
         found.sort();
-        let mut index = Index::default();
+        let mut index = Index { memory_bytes, ..Index::default() };
         for (_, key, size, expires_at) in found {
             index.insert(&key, size, expires_at);
         }
@@ -256,21 +315,31 @@ impl DiskStore {
     pub async fn get(&self, key: &str) -> Option<Bytes> {
         let s = &self.inner;
         let now = now_s();
-        let live = {
+        let found = {
             let mut idx = s.lock();
-            match idx.entries.get(key).map(|m| m.expires_at) {
-                Some(exp) if exp > now => {
+            match idx.entries.get(key).map(|m| (m.expires_at, m.written, m.kept.clone())) {
+                Some((exp, written, kept)) if exp > now => {
                     idx.touch(key);
-                    true
+                    Some((written, kept))
                 }
                 Some(_) => {
                     s.forget(&mut idx, key);
-                    false
+                    None
                 }
-                None => false,
+                None => None,
             }
         };
-        let value = if live { s.read_value(key).await } else { None };
+        let value = match found {
+            Some((_, Some(kept))) => Some(kept),
+            Some((written, None)) => {
+                let value = s.read_value(key).await;
+                if let Some(v) = &value {
+                    s.lock().keep(key, written, v.clone());
+                }
+                value
+            }
+            None => None,
+        };
         let counter = if value.is_some() { &s.hits } else { &s.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         value
@@ -281,7 +350,7 @@ impl DiskStore {
     pub async fn put(&self, key: &str, value: Bytes, ttl_seconds: u64) -> Result<(), PutError> {
         let inner = self.inner.clone();
         let key = key.to_string();
-        tokio::task::spawn_blocking(move || inner.put(&key, &value, ttl_seconds))
+        tokio::task::spawn_blocking(move || inner.put(&key, value, ttl_seconds))
             .await
             .unwrap_or_else(|e| Err(PutError::Io(e.to_string())))
     }
@@ -364,7 +433,7 @@ impl Inner {
         Some(Bytes::from(bytes).slice(head_len..))
     }
 
-    fn put(&self, key: &str, value: &[u8], ttl_seconds: u64) -> Result<(), PutError> {
+    fn put(&self, key: &str, value: Bytes, ttl_seconds: u64) -> Result<(), PutError> {
         let size = value.len() as u64;
         if size > self.max_bytes {
             return Err(PutError::TooLarge);
@@ -382,7 +451,7 @@ impl Inner {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io)?;
         let tmp = pending.tmp.insert(tmp);
         let expires_at = now_s().saturating_add(ttl_seconds);
-        file.write_all(&header(key, expires_at)).and_then(|()| file.write_all(value)).map_err(io)?;
+        file.write_all(&header(key, expires_at)).and_then(|()| file.write_all(&value)).map_err(io)?;
         drop(file);
 
         let mut idx = self.lock();
@@ -401,6 +470,8 @@ impl Inner {
         }
         pending.tmp = None;
         idx.insert(key, size, expires_at);
+        let written = idx.tick;
+        idx.keep(key, written, value);
         Ok(())
     }
 }
@@ -433,14 +504,23 @@ mod tests {
     /// no temporary file left and nothing reserved.
     fn assert_consistent(s: &DiskStore, dir: &Path, max_bytes: u64) {
         let mut on_disk = HashMap::new();
+        let mut values = HashMap::new();
         for name in names(dir) {
             assert!(is_entry_name(&name), "only entry files are left: {name}");
             let path = dir.join(&name);
             let Head::Entry { key, head_len, .. } = read_head(&path) else { panic!("{name} is not an entry") };
             assert_eq!(file_name(&key), name);
-            on_disk.insert(key, std::fs::metadata(&path).unwrap().len() - head_len as u64);
+            on_disk.insert(key.clone(), std::fs::metadata(&path).unwrap().len() - head_len as u64);
+            values.insert(key, std::fs::read(&path).unwrap()[head_len..].to_vec());
         }
         let idx = s.inner.lock();
+        let kept: Vec<(&String, &Bytes)> = idx.entries.iter().filter_map(|(k, m)| m.kept.as_ref().map(|v| (k, v))).collect();
+        for (key, value) in &kept {
+            assert_eq!(&value[..], &values[*key][..], "{key}: the value kept in memory is the file's");
+        }
+        assert_eq!(idx.kept_bytes, kept.iter().map(|(_, v)| v.len() as u64).sum::<u64>());
+        assert!(idx.kept_bytes <= idx.memory_bytes);
+        assert_eq!(idx.kept_lru.len(), kept.len());
         let indexed: HashMap<String, u64> = idx.entries.iter().map(|(k, m)| (k.clone(), m.size)).collect();
         assert_eq!(indexed, on_disk, "every index entry has its file and every file its index entry");
         assert_eq!(idx.bytes, on_disk.values().sum::<u64>(), "the index counts the bytes on disk");
@@ -608,7 +688,8 @@ mod tests {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             const MAX: u64 = 100;
-            let s = DiskStore::open(dir.path(), MAX).unwrap();
+            // Memory for a few values: some are kept, some pushed out, some read back in.
+            let s = DiskStore::open_keeping(dir.path(), MAX, 60).unwrap();
             // Rounds of racing tasks, the invariants checked after each: a ghost entry or a
             // wrong size shows up at some round's end even if later writes would mend it.
             for round in 0..40u64 {
@@ -651,9 +732,62 @@ mod tests {
             // And a restart finds exactly the same.
             let before = s.size();
             drop(s);
-            let s = DiskStore::open(dir.path(), MAX).unwrap();
+            let s = DiskStore::open_keeping(dir.path(), MAX, 60).unwrap();
             assert_eq!(s.size(), before);
             assert_consistent(&s, dir.path(), MAX);
+        });
+    }
+
+    #[test]
+    fn recent_values_are_answered_from_memory_and_never_outlive_their_entry() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = DiskStore::open_keeping(dir.path(), 1000, 25).unwrap();
+            s.put("a", b(&[1; 10]), 60).await.unwrap();
+            s.put("b", b(&[2; 10]), 60).await.unwrap();
+            // Kept from the write: the file is not read again.
+            std::fs::remove_file(dir.path().join(file_name("a"))).unwrap();
+            assert_eq!(s.get("a").await.as_deref(), Some(&[1; 10][..]));
+            // An overwrite, a delete, an expiry: what memory holds follows the entry.
+            s.put("a", b(&[3; 10]), 60).await.unwrap();
+            assert_eq!(s.get("a").await.as_deref(), Some(&[3; 10][..]));
+            assert!(s.delete("a"));
+            assert_eq!(s.get("a").await, None);
+            s.put("x", b(&[4; 5]), 0).await.unwrap();
+            assert_eq!(s.get("x").await, None, "expired, though in memory");
+            // Past the memory bound the least recently used value leaves memory, not the store.
+            s.put("c", b(&[5; 10]), 60).await.unwrap();
+            s.put("d", b(&[6; 10]), 60).await.unwrap();
+            assert!(s.inner.lock().entries["b"].kept.is_none(), "b was least recently used");
+            assert_eq!(s.get("b").await.as_deref(), Some(&[2; 10][..]), "read from its file");
+            assert!(s.inner.lock().entries["b"].kept.is_some(), "and kept again");
+            // A value larger than the memory bound is only ever read from disk.
+            s.put("big", b(&[7; 30]), 60).await.unwrap();
+            assert_eq!(s.get("big").await.as_deref(), Some(&[7; 30][..]));
+            assert!(s.inner.lock().entries["big"].kept.is_none());
+            assert_consistent(&s, dir.path(), 1000);
+        });
+    }
+
+    #[test]
+    fn a_value_read_while_its_entry_was_rewritten_is_not_kept() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = DiskStore::open_keeping(dir.path(), 1000, 100).unwrap();
+            s.put("a", b(b"old"), 60).await.unwrap();
+            let old_write = s.inner.lock().entries["a"].written;
+            s.inner.lock().entries.get_mut("a").unwrap().kept = None;
+            s.inner.lock().kept_lru.clear();
+            s.inner.lock().kept_bytes = 0;
+            s.put("a", b(b"new"), 60).await.unwrap();
+            s.inner.lock().entries.get_mut("a").unwrap().kept = None;
+            s.inner.lock().kept_lru.clear();
+            s.inner.lock().kept_bytes = 0;
+            // The read of the old file ends after the new write landed.
+            s.inner.lock().keep("a", old_write, b(b"old"));
+            assert!(s.inner.lock().entries["a"].kept.is_none());
+            assert_eq!(s.get("a").await.as_deref(), Some(&b"new"[..]));
+            assert_consistent(&s, dir.path(), 1000);
         });
     }
 }

@@ -33,12 +33,17 @@ async fn main() {
     let args = args::parse();
     let token = std::env::var("IMAGE_CACHE_TOKEN").ok().filter(|t| !t.is_empty());
     let (store, described) = match &args.backend {
-        Backend::Disk(dir) => match DiskStore::open(dir, args.max_bytes) {
+        Backend::Disk(dir) => match DiskStore::open_keeping(dir, args.max_bytes, args.memory_bytes.min(args.max_bytes)) {
             Ok(s) => {
                 let (n, b) = s.size();
                 (
                     Store::Disk(s),
-                    format!("disk {} (max {} bytes, {n} entries / {b} bytes kept)", dir.display(), args.max_bytes),
+                    format!(
+                        "disk {} (max {} bytes, {n} entries / {b} bytes kept, up to {} bytes of them in memory)",
+                        dir.display(),
+                        args.max_bytes,
+                        args.memory_bytes.min(args.max_bytes)
+                    ),
                 )
             }
             Err(e) => {

@@ -157,6 +157,7 @@ extern "C" {
     fn proxy_remove_header_map_value(map_type: u32, key: *const u8, key_len: usize) -> u32;
     fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, data: *const u8, len: usize) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_register_shared_queue(name: *const u8, name_len: usize, queue_id: *mut u32) -> u32;
     fn proxy_enqueue_shared_queue(queue_id: u32, data: *const u8, len: usize) -> u32;
     fn proxy_dequeue_shared_queue(queue_id: u32, data: *mut *mut u8, len: *mut usize) -> u32;
@@ -262,6 +263,12 @@ fn clear_route_cache() -> bool {
 pub fn resume_request() -> bool {
     // SAFETY: no pointers.
     unsafe { proxy_continue_stream(proxy_wasm::types::StreamType::HttpRequest as u32) == OK }
+}
+
+/// Resets the response (Envoy: the encoder's `resetStream`, after this callback).
+pub fn reset_response() {
+    // SAFETY: no pointers.
+    unsafe { proxy_close_stream(proxy_wasm::types::StreamType::HttpResponse as u32) };
 }
 
 pub fn response_header(name: &str) -> Option<String> {

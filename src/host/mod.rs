@@ -119,6 +119,9 @@ impl Host for ProxyHost {
     fn set_response_body(&mut self, len: usize, body: &[u8]) -> bool {
         calls::set_response_body(len, body)
     }
+    fn reset_response(&mut self) {
+        calls::reset_response()
+    }
     fn log(&mut self, level: LogLevel, message: &str) {
         calls::log(level, message)
     }
