@@ -181,6 +181,15 @@ def bench_config(fake, cache, bodies, workdir):
     return doc
 
 
+def record_entry_key(cache, file_url):
+    """The cache key of the entry that holds an image URL's image: line 3 of its record in L2
+    (`file:{token}`; docs/image-urls.md)."""
+    token = urlsplit(file_url).path.rsplit("/", 1)[1].split("-")[0]
+    status, _, record = http("GET", cache.url + "/v1/cache/file:" + token, headers=cache.headers())
+    assert status == 200, status
+    return record.decode().split("\n")[2]
+
+
 def rss_kb(pid):
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
@@ -193,6 +202,7 @@ def main():
     p.add_argument("--concurrency", default="1,2")
     p.add_argument("--rss-requests", type=int, default=1000)
     p.add_argument("--only", help="run only the rows whose name holds this text (and skip memory)")
+    p.add_argument("--cache-memory-bytes", type=int, help="the cache service's --memory-bytes (its default when not given)")
     p.add_argument("--coalesce-requests", type=int, default=32, help="identical misses at once in the coalescing run")
     a = p.parse_args()
     global ONLY
@@ -200,7 +210,7 @@ def main():
     need_wrk()
     work = tempfile.mkdtemp(prefix="bench-")
     fake = FakeGemini(work)
-    cache = CacheService(work, max_bytes=2 * 1024 * MIB)
+    cache = CacheService(work, max_bytes=2 * 1024 * MIB, memory_bytes=a.cache_memory_bytes)
     ct = {"content-type": "application/json"}
     prompts = {"2m": "bench two [fake:bytes=%d]" % (2 * MIB), "10m": "bench ten [fake:bytes=%d]" % (10 * MIB)}
     results = {}
@@ -301,6 +311,7 @@ def main():
                     assert status == 200, answer[:200]
                     file_url[listener] = url(listener, urlsplit(json.loads(answer)["data"][0]["url"]).path)
                 time.sleep(0.3)  # the L2 writes go out on the root's next tick
+                entry_key = record_entry_key(cache, file_url["l2only"])
                 for label, conns in (("wrk, %d connections" % c, c), ("sequential, 1 connection", 1)):
                     t = 1 if conns == 1 else None
                     rows.append(pair("L1 hit, 2 MiB image (%s)" % label, "Envoy direct_response, same bytes",
@@ -312,6 +323,12 @@ def main():
                     rows.append(pair("image URL GET from L2, 2 MiB image (%s)" % label, "image URL GET from L1, same image",
                                      lambda: wrk(file_url["images"], d, conns, threads=t),
                                      lambda: wrk(file_url["l2only"], d, conns, threads=t)))
+                    # The floor under any GET from L2: the cache service alone handing a client
+                    # the entry such a GET reads (no Envoy, no filter).
+                    rows.append(pair("cache service alone: GET of that image's 2.8 MB entry (%s)" % label,
+                                     "image URL GET from L1, same image",
+                                     lambda: wrk(file_url["images"], d, conns, threads=t),
+                                     lambda: wrk(cache.url + "/v1/cache/" + entry_key, d, conns, threads=t)))
                 results[conc] = [r for r in rows if r]
             finally:
                 proc.stop()

@@ -200,13 +200,29 @@ pub enum Distrust {
 /// it reaches a client or L1: image count, base64 alphabet, each image's first bytes against
 /// its declared type, and its age.
 pub fn verify_untrusted(entry: &Entry, images_wanted: u32, now_s: u64, ttl_seconds: u64) -> Result<(), Distrust> {
+    verify_untrusted_but(entry, images_wanted, now_s, ttl_seconds, None)
+}
+
+/// As `verify_untrusted`, but the image at `decoded` is left to its caller, who decodes it
+/// whole (which refuses anything but base64) and sniffs the bytes: an image URL served from
+/// L2 is checked once, not twice.
+pub fn verify_untrusted_but(
+    entry: &Entry,
+    images_wanted: u32,
+    now_s: u64,
+    ttl_seconds: u64,
+    decoded: Option<usize>,
+) -> Result<(), Distrust> {
     if entry.images.len() != images_wanted as usize {
         return Err(Distrust::WrongCount);
     }
     if expires_at(entry.created, ttl_seconds) <= now_s || entry.created > now_s.saturating_add(MAX_CLOCK_SKEW_S) {
         return Err(Distrust::Expired);
     }
-    for image in &entry.images {
+    for (i, image) in entry.images.iter().enumerate() {
+        if decoded == Some(i) {
+            continue;
+        }
         if !crate::gemini::is_base64(image.base64) {
             return Err(Distrust::BadBase64);
         }

@@ -41,7 +41,8 @@ impl StreamDriver {
         if reply.body.len() < CARRIED_MIN_BYTES {
             return host.send_reply(reply);
         }
-        let placeholder = Reply { status: reply.status, headers: reply.headers.clone(), body: Rc::new(PLACEHOLDER.to_vec()) };
+        let placeholder =
+            Reply { status: reply.status, headers: reply.headers.clone(), body: Rc::new(PLACEHOLDER.to_vec()) };
         if !host.send_reply(&placeholder) {
             return false;
         }

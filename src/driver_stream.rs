@@ -206,7 +206,12 @@ impl StreamDriver {
         }
     }
 
-    pub(super) fn stream_response_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
+    pub(super) fn stream_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
         match self.upstream.response {
             Response::Untouched => Verdict::Continue,
             Response::Events => {

@@ -1581,7 +1581,12 @@ fn big_png(len: usize) -> String {
 
 /// What Envoy does with a local reply: its headers (with the length of the body it was given)
 /// and then its body go through this filter's response callbacks; what the client gets.
-fn pass_back(host: &mut MemoryHost, stream: &mut StreamDriver, reply: &Reply, head: bool) -> (Vec<(String, String)>, Vec<u8>) {
+fn pass_back(
+    host: &mut MemoryHost,
+    stream: &mut StreamDriver,
+    reply: &Reply,
+    head: bool,
+) -> (Vec<(String, String)>, Vec<u8>) {
     host.response_headers = vec![(":status".into(), reply.status.to_string())];
     host.response_headers.extend(reply.headers.iter().cloned());
     host.response_headers.push(("content-length".into(), reply.body.len().to_string()));
@@ -1704,6 +1709,33 @@ fn a_large_image_url_is_carried_and_a_head_gets_its_length_alone() {
             gw.host.response_out.clear();
             s.on_response_body(&mut gw.host, 1, true);
             assert!(gw.host.response_out.is_empty());
+        }
+    }
+}
+
+#[test]
+fn an_image_url_from_l2_is_served_only_if_every_image_of_its_entry_checks_out() {
+    let mut a = Gateway::new(URLS);
+    let r = a.request(json!({"prompt": "two", "n": 2, "response_format": "url"}), None);
+    let answer = json_of(&r);
+    let good = PNG.as_bytes();
+    let hostile: [&[u8]; 3] = [b"iVBORw0KGgoAAAANSUhE\x01AA", b"iVBORw0KGgoAAAAN-_AA", b"QUFBQUFBQUFBQUFB"];
+    for bad in hostile {
+        for (images, served_ok) in [([good, bad], 0), ([bad, good], 1)] {
+            let mut c = Gateway::new(URLS);
+            c.l2_writes = a.l2_writes.clone();
+            for w in c.l2_writes.iter_mut().filter(|w| path_of(w).starts_with("/v1/cache/img:")) {
+                let key = path_of(w)["/v1/cache/".len()..].to_string();
+                w.body = Rc::new(entry_of(&key, NOW_MS / 1000, &images));
+            }
+            c.l2_serves_its_writes();
+            // The image asked for is fine, or is the bad one: either way a 404, and nothing of
+            // the entry reaches L1.
+            for index in [served_ok, 1 - served_ok] {
+                let got = c.fetch("GET", &url_path(&answer, index), &[]);
+                assert_eq!(got.status, 404, "{bad:?} in an entry, image {index} asked for");
+            }
+            assert!(!c.host.shared.values().any(|v| v.windows(bad.len()).any(|w| w == bad)));
         }
     }
 }

@@ -324,10 +324,12 @@ impl FileFetch {
             Phase::AwaitingEntry(r) => {
                 // Untrusted, as any L2 answer: checked whole before a byte is served.
                 let ttl = cache.ttl_seconds.max(self.settings.urls.as_ref().map_or(0, |u| u.ttl_seconds));
+                // The image served is checked by decoding it whole (`image_of`), the others
+                // as any L2 answer's images are.
                 let image = (response.status == Some(200))
                     .then(|| cache::decode_entry(&response.body, &r.entry_key))
                     .flatten()
-                    .filter(|e| cache::verify_untrusted(e, r.images, now_s, ttl).is_ok())
+                    .filter(|e| cache::verify_untrusted_but(e, r.images, now_s, ttl, Some(index as usize)).is_ok())
                     .and_then(|e| image_of(&e, index, r.expires_at_s));
                 match image {
                     Some(image) => {

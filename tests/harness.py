@@ -287,13 +287,16 @@ class FakeGemini:
 class CacheService:
     """cache-service on a free port, on disk (default) or Redis."""
 
-    def __init__(self, workdir, name="cache-service", token=None, redis_url=None, max_bytes=256 * 1024 * 1024, dir=None):
+    def __init__(self, workdir, name="cache-service", token=None, redis_url=None, max_bytes=256 * 1024 * 1024, dir=None,
+                 memory_bytes=None):
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.token = token
         self.dir = dir or os.path.join(workdir, name + "-data")
         self.args = ["--listen", "127.0.0.1:%d" % self.port]
         self.args += ["--redis", redis_url] if redis_url else ["--dir", self.dir, "--max-bytes", str(max_bytes)]
+        if memory_bytes is not None:
+            self.args += ["--memory-bytes", str(memory_bytes)]
         self.workdir, self.name = workdir, name
         self.start()
 

@@ -514,7 +514,8 @@ mod tests {
             values.insert(key, std::fs::read(&path).unwrap()[head_len..].to_vec());
         }
         let idx = s.inner.lock();
-        let kept: Vec<(&String, &Bytes)> = idx.entries.iter().filter_map(|(k, m)| m.kept.as_ref().map(|v| (k, v))).collect();
+        let kept: Vec<(&String, &Bytes)> =
+            idx.entries.iter().filter_map(|(k, m)| m.kept.as_ref().map(|v| (k, v))).collect();
         for (key, value) in &kept {
             assert_eq!(&value[..], &values[*key][..], "{key}: the value kept in memory is the file's");
         }

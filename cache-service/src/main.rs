@@ -33,7 +33,8 @@ async fn main() {
     let args = args::parse();
     let token = std::env::var("IMAGE_CACHE_TOKEN").ok().filter(|t| !t.is_empty());
     let (store, described) = match &args.backend {
-        Backend::Disk(dir) => match DiskStore::open_keeping(dir, args.max_bytes, args.memory_bytes.min(args.max_bytes)) {
+        Backend::Disk(dir) => match DiskStore::open_keeping(dir, args.max_bytes, args.memory_bytes.min(args.max_bytes))
+        {
             Ok(s) => {
                 let (n, b) = s.size();
                 (
