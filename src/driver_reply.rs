@@ -12,8 +12,11 @@
 //!
 //! A filter between this one and the router sees the placeholder on its way out; one that
 //! encoded it (a compressor) loses its encoding here, so the client always gets exactly the
-//! bytes the filter answered. A `HEAD` reply has no body callback: its headers are fixed and
-//! the body is dropped.
+//! bytes the filter answered. A `HEAD` reply has no body callback: its headers get the length
+//! and the body is dropped. Envoy may also end a local reply at its headers for other reasons
+//! (a gRPC request gets a headers-only reply): then no length is set and the body is dropped,
+//! as Envoy drops the body of such a reply. When the host refuses the headers or the body, the
+//! response is reset: a cut is better than a body that does not match its length.
 
 use super::*;
 
@@ -52,6 +55,11 @@ impl StreamDriver {
 
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
         let Carried::Waiting(body) = &self.carried else { return self.stream_response_headers(host, end_of_stream) };
+        if end_of_stream && !self.head_request {
+            // Headers only, and not for a HEAD: nothing of the body goes out, so no length.
+            self.carried = Carried::None;
+            return Verdict::Continue;
+        }
         let length = body.len().to_string();
         // A filter after this one may have encoded the placeholder; the body that goes in
         // place of it is not encoded.
@@ -59,10 +67,13 @@ impl StreamDriver {
             & host.set_response_header("transfer-encoding", None)
             & host.set_response_header("content-length", Some(&length));
         if !fixed {
-            host.log(LogLevel::Error, "gemini-image-filter: the host refused a reply's headers");
+            host.log(LogLevel::Error, "gemini-image-filter: the host refused a reply's headers; resetting");
+            host.reset_response();
+            self.carried = Carried::Placed;
+            return Verdict::Continue;
         }
         if end_of_stream {
-            // A HEAD: no body follows.
+            // A HEAD: its length, and no body.
             self.carried = Carried::None;
         }
         Verdict::Continue

@@ -60,6 +60,7 @@ pub struct MemoryHost {
     pub response_out: Vec<u8>,
     pub response_resets: u32,
     pub refuse_response_body: bool,
+    pub refuse_response_headers: bool,
 }
 
 impl MemoryHost {
@@ -161,6 +162,9 @@ impl Host for MemoryHost {
         self.response_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
     fn set_response_header(&mut self, name: &str, value: Option<&str>) -> bool {
+        if self.refuse_response_headers {
+            return false;
+        }
         self.response_headers.retain(|(k, _)| k != name);
         if let Some(v) = value {
             self.response_headers.push((name.to_string(), v.to_string()));
@@ -353,7 +357,12 @@ impl Gateway {
 
     /// A stream that has had the headers and the whole of `body`.
     fn send(&mut self, body: &[u8]) -> StreamDriver {
-        self.host.request_headers = post_headers();
+        self.send_with(post_headers(), body)
+    }
+
+    /// The same, with these request headers.
+    fn send_with(&mut self, headers: Vec<(String, String)>, body: &[u8]) -> StreamDriver {
+        self.host.request_headers = headers;
         self.host.body = body.to_vec();
         let mut stream = self.root.new_stream().expect("configured");
         stream.on_request_headers(&mut self.host, false);
@@ -1556,16 +1565,10 @@ fn without_a_tier_that_can_hold_them_images_stay_inline() {
 fn the_base_comes_from_the_request_when_none_is_configured() {
     let config = r#"{"cache": {"l1": {}}, "urls": {}}"#;
     let mut gw = Gateway::new(config);
-    gw.host.request_headers = post_headers();
     let mut headers = post_headers();
     headers.push((":authority".into(), "images.example:8443".into()));
     headers.push(("x-forwarded-proto".into(), "https".into()));
-    gw.host.request_headers = headers.clone();
-    gw.host.body = json!({"prompt": "p", "model": "dall-e-3"}).to_string().into_bytes();
-    let mut stream = gw.root.new_stream().unwrap();
-    stream.on_request_headers(&mut gw.host, false);
-    let size = gw.host.body.len();
-    stream.on_request_body(&mut gw.host, size, true);
+    let mut stream = gw.send_with(headers, json!({"prompt": "p", "model": "dall-e-3"}).to_string().as_bytes());
     gw.answer_calls(&mut stream);
     let r = gw.host.replies.pop().unwrap();
     let url = json_of(&r)["data"][0]["url"].as_str().unwrap().to_string();
@@ -1674,13 +1677,9 @@ fn a_large_image_url_is_carried_and_a_head_gets_its_length_alone() {
     let mut gw = Gateway::new(config);
     let data = big_png(150_000);
     gw.gemini = Box::new(move || ok_response(&data));
-    gw.host.request_headers = post_headers();
-    gw.host.request_headers.push((":authority".into(), "images.example".into()));
-    gw.host.body = json!({"prompt": "p", "response_format": "url"}).to_string().into_bytes();
-    let mut s = gw.root.new_stream().unwrap();
-    s.on_request_headers(&mut gw.host, false);
-    let size = gw.host.body.len();
-    s.on_request_body(&mut gw.host, size, true);
+    let mut headers = post_headers();
+    headers.push((":authority".into(), "images.example".into()));
+    let mut s = gw.send_with(headers, json!({"prompt": "p", "response_format": "url"}).to_string().as_bytes());
     gw.answer_calls(&mut s);
     let sent = gw.host.replies.pop().unwrap();
     // The answer itself is small (a URL): it goes out whole.
@@ -1719,7 +1718,7 @@ fn an_image_url_from_l2_is_served_only_if_every_image_of_its_entry_checks_out() 
     let r = a.request(json!({"prompt": "two", "n": 2, "response_format": "url"}), None);
     let answer = json_of(&r);
     let good = PNG.as_bytes();
-    let hostile: [&[u8]; 3] = [b"iVBORw0KGgoAAAANSUhE\x01AA", b"iVBORw0KGgoAAAAN-_AA", b"QUFBQUFBQUFBQUFB"];
+    let hostile: [&[u8]; 3] = [b"iVBORw0KGgoAAAANSUhE\x01AAA", b"iVBORw0KGgoAAAAN-_AA", b"QUFBQUFBQUFBQUFB"];
     for bad in hostile {
         for (images, served_ok) in [([good, bad], 0), ([bad, good], 1)] {
             let mut c = Gateway::new(URLS);
@@ -1738,4 +1737,38 @@ fn an_image_url_from_l2_is_served_only_if_every_image_of_its_entry_checks_out() 
             assert!(!c.host.shared.values().any(|v| v.windows(bad.len()).any(|w| w == bad)));
         }
     }
+}
+
+#[test]
+fn a_large_reply_ended_at_its_headers_gets_no_length_and_refused_headers_reset_it() {
+    let mut gw = Gateway::new(r#"{"cache": {"l1": {}}}"#);
+    let data = big_png(100_000);
+    gw.gemini = Box::new(move || ok_response(&data));
+    // Envoy ends the local reply of a gRPC request at its headers: no body follows, so no
+    // length is promised, and nothing is left waiting.
+    let mut stream = gw.send(json!({"prompt": "grpc"}).to_string().as_bytes());
+    gw.answer_calls(&mut stream);
+    let sent = gw.host.replies.pop().expect("a reply");
+    assert_eq!(&sent.body[..], b" ");
+    gw.host.response_headers = vec![(":status".into(), "200".into()), ("grpc-status".into(), "2".into())];
+    assert_eq!(stream.on_response_headers(&mut gw.host, true), Verdict::Continue);
+    assert_eq!(header_of(&gw.host.response_headers, "content-length"), None);
+    gw.host.response_chunk = b"x".to_vec();
+    gw.host.response_out.clear();
+    stream.on_response_body(&mut gw.host, 1, true);
+    assert!(gw.host.response_out.is_empty(), "nothing carried is left to put anywhere");
+    // The host refuses the headers: the placeholder's length stands, so the response is reset
+    // and the body never goes in under it.
+    let mut stream = gw.send(json!({"prompt": "refused headers"}).to_string().as_bytes());
+    gw.answer_calls(&mut stream);
+    let sent = gw.host.replies.pop().expect("a reply");
+    gw.host.refuse_response_headers = true;
+    gw.host.response_headers = vec![(":status".into(), "200".into()), ("content-length".into(), "1".into())];
+    stream.on_response_headers(&mut gw.host, false);
+    assert_eq!(gw.host.response_resets, 1);
+    gw.host.response_chunk = sent.body.to_vec();
+    gw.host.response_out.clear();
+    stream.on_response_body(&mut gw.host, 1, true);
+    assert!(gw.host.response_out.is_empty(), "the placeholder is dropped, the body never placed");
+    assert!(gw.host.logs.iter().any(|(l, m)| *l == LogLevel::Error && m.contains("refused a reply's headers")));
 }

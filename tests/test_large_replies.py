@@ -30,13 +30,13 @@ def compressor():
 
 
 def wire_compressors(doc):
-    """`zip_after`: a compressor between the filter and the router (it sees the one-byte
-    placeholder); `zip_before`: one before the filter (it sees the real body)."""
+    """`zip_after` and `zip_after_nostream`: a compressor between the filter and the router (it
+    sees the one-byte placeholder); `zip_before`: one before the filter (it sees the real body)."""
     for listener in doc["static_resources"]["listeners"]:
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
         names = [f["name"] for f in hcm["http_filters"]]
         at = names.index("envoy.filters.http.wasm")
-        if listener["name"] == "zip_after":
+        if listener["name"] in ("zip_after", "zip_after_nostream"):
             hcm["http_filters"].insert(at + 1, compressor())
         elif listener["name"] == "zip_before":
             hcm["http_filters"].insert(at, compressor())
@@ -47,6 +47,7 @@ def envoy(workdir, fake):
     e = Envoy(workdir, name="envoy-large-replies", fake_gemini="127.0.0.1:%d" % fake.port,
               plugin=with_plugin(cache={"l2": None}),
               extra_listeners=[("zip_after", free_port(), with_plugin(cache={"l2": None})),
+                               ("zip_after_nostream", free_port(), with_plugin(cache={"l2": None}, streaming={"enabled": False})),
                                ("zip_before", free_port(), with_plugin(cache={"l2": None}))],
               doc_hook=wire_compressors, env_extra={"GEMINI_API_KEY": API_KEY})
     yield e
@@ -158,5 +159,28 @@ def test_a_compressor_before_the_filter_encodes_the_whole_large_answer(envoy):
             assert (status, h["x-image-cache"], h.get("content-encoding")) == (200, expected, "gzip"), h
             bodies.append(json.loads(gzip.decompress(raw)))
         assert image_of(bodies[0]) == image_of(bodies[1]) and len(image_of(bodies[0])) == IMAGE_BYTES
+    finally:
+        c.close()
+
+
+def test_a_compressor_after_the_filter_that_saw_the_request_loses_its_encoding_of_the_placeholder(envoy):
+    """With streaming off the filter lets the request's headers go on at once, so a compressor
+    after it sees `accept-encoding` and gzips what comes back: the one-byte placeholder of a
+    large answer (the filter then drops that encoding and puts the whole answer in its place),
+    and small answers as usual."""
+    c = Connection(envoy, "zip_after_nostream")
+    try:
+        gz = {"accept-encoding": "gzip"}
+        status, h, raw = c.request("POST", "/v1/images/generations", {"prompt": unique("zip small nostream")}, gz)
+        assert (status, h.get("content-encoding")) == (200, "gzip"), h
+        json.loads(gzip.decompress(raw))
+        p = prompt("zip after nostream")
+        images = []
+        for expected in ["miss", "hit-l1"]:
+            status, h, raw = c.request("POST", "/v1/images/generations", {"prompt": p}, gz)
+            assert (status, h["x-image-cache"]) == (200, expected), raw[:300]
+            assert "content-encoding" not in h and int(h["content-length"]) == len(raw), h
+            images.append(image_of(json.loads(raw)))
+        assert images[0] == images[1] and len(images[0]) == IMAGE_BYTES
     finally:
         c.close()

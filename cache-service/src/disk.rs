@@ -114,8 +114,10 @@ impl Index {
         if size > self.memory_bytes {
             return;
         }
+        // Only the value of that very write, whole (a file changed behind the service's back
+        // could be shorter or longer than the entry says).
         match self.entries.get(key) {
-            Some(m) if m.written == written && m.kept.is_none() => {}
+            Some(m) if m.written == written && m.kept.is_none() && m.size == size => {}
             _ => return,
         }
         while self.kept_bytes + size > self.memory_bytes {
@@ -471,7 +473,9 @@ impl Inner {
         pending.tmp = None;
         idx.insert(key, size, expires_at);
         let written = idx.tick;
-        idx.keep(key, written, value);
+        // A copy of its own: the PUT's body may be a slice of a connection's whole read
+        // buffer, which would stay alive with it and count for more than its length.
+        idx.keep(key, written, Bytes::copy_from_slice(&value));
         Ok(())
     }
 }
