@@ -1,14 +1,18 @@
 """Large answers (src/driver_reply.rs): a local reply of 64 KiB or more goes to Envoy with a
 one-byte body, and its real body is put in place when Envoy runs the reply back through the
 filter's own response callbacks. What a client gets must be exactly the answer, with its
-`content-length`, on a kept-alive connection, for GET and HEAD, and whatever a compressor
-before or after the filter in the chain does."""
+`content-length`, on a kept-alive HTTP/1.1 connection and over HTTP/2, for GET and HEAD, and
+whatever a compressor before or after the filter in the chain does."""
 import base64
 import gzip
 import http.client as httpclient
 import json
+import socket
 import urllib.parse
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from conftest import API_KEY, CANARY, unique
@@ -74,6 +78,40 @@ class Connection:
 
     def close(self):
         self.conn.close()
+
+
+def h2c(envoy, method, path, body=None, headers=()):
+    """One request over HTTP/2 with prior knowledge (h2c), as a sidecar or gateway hop speaks
+    it: (status, headers, body)."""
+    sock = socket.create_connection(("127.0.0.1", envoy.ports["images"]), timeout=60)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", method), (":scheme", "http"), (":authority", "127.0.0.1"), (":path", path)]
+                      + list(headers), end_stream=body is None)
+    if body is not None:
+        conn.send_data(sid, body, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status, got, data, ended = None, {}, bytearray(), False
+    try:
+        while not ended:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the connection closed before the stream ended"
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    got = dict(event.headers)
+                    status = int(got[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+                elif isinstance(event, h2.events.StreamReset):
+                    raise AssertionError("the stream was reset")
+            sock.sendall(conn.data_to_send())
+    finally:
+        sock.close()
+    return status, got, bytes(data)
 
 
 def prompt(words):
@@ -184,3 +222,24 @@ def test_a_compressor_after_the_filter_that_saw_the_request_loses_its_encoding_o
         assert images[0] == images[1] and len(images[0]) == IMAGE_BYTES
     finally:
         c.close()
+
+
+def test_large_answers_and_images_over_http2(envoy):
+    """HTTP/2 frames the body by its DATA frames, not by `content-length`: the two must still
+    agree, and a HEAD must have the length and no data."""
+    p = prompt("h2")
+    body = json.dumps({"prompt": p}).encode()
+    ct = [("content-type", "application/json")]
+    images = []
+    for expected in ["miss", "hit-l1"]:
+        status, h, raw = h2c(envoy, "POST", "/v1/images/generations", body, ct)
+        assert (status, h["x-image-cache"]) == (200, expected), raw[:300]
+        assert int(h["content-length"]) == len(raw), h
+        images.append(image_of(json.loads(raw)))
+    assert images[0] == images[1] and len(images[0]) == IMAGE_BYTES
+    status, _, raw = h2c(envoy, "POST", "/v1/images/generations", json.dumps({"prompt": p, "response_format": "url"}).encode(), ct)
+    path = urllib.parse.urlsplit(json.loads(raw)["data"][0]["url"]).path
+    status, h, data = h2c(envoy, "GET", path)
+    assert (status, data, int(h["content-length"])) == (200, images[0], IMAGE_BYTES), h
+    status, h, data = h2c(envoy, "HEAD", path)
+    assert (status, data, int(h["content-length"])) == (200, b"", IMAGE_BYTES), h
