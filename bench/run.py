@@ -190,6 +190,28 @@ def record_entry_key(cache, file_url):
     return record.decode().split("\n")[2]
 
 
+def probe_bodies(work, fake, prompts):
+    """The exact bytes an L1 hit answers for each prompt (`name`), and its image's own bytes
+    (`image-name`), in files under `work`: the bodies of the direct_response baselines."""
+    probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port, plugin=with_plugin(cache=None, urls=None),
+                  env_extra={"GEMINI_API_KEY": "bench"}, concurrency=1)
+    bodies = {}
+    try:
+        for name, prompt in prompts.items():
+            status, _, body = http("POST", probe.url() + "/v1/images/generations", json.dumps({"prompt": prompt}).encode(),
+                                   {"content-type": "application/json"})
+            assert status == 200, body[:200]
+            bodies[name] = os.path.join(work, "answer-%s.json" % name)
+            with open(bodies[name], "wb") as f:
+                f.write(body)
+            bodies["image-" + name] = os.path.join(work, "image-%s.png" % name)
+            with open(bodies["image-" + name], "wb") as f:
+                f.write(base64.b64decode(json.loads(body)["data"][0]["b64_json"]))
+    finally:
+        probe.stop()
+    return bodies
+
+
 def rss_kb(pid):
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
@@ -215,21 +237,7 @@ def main():
     prompts = {"2m": "bench two [fake:bytes=%d]" % (2 * MIB), "10m": "bench ten [fake:bytes=%d]" % (10 * MIB)}
     results = {}
     try:
-        # The exact bytes an L1 hit answers, for the direct_response baselines.
-        probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port, plugin=with_plugin(cache=None, urls=None),
-                      env_extra={"GEMINI_API_KEY": "bench"}, concurrency=1)
-        bodies = {}
-        for name, prompt in prompts.items():
-            status, _, body = http("POST", probe.url() + "/v1/images/generations", json.dumps({"prompt": prompt}).encode(), ct)
-            assert status == 200, body[:200]
-            bodies[name] = os.path.join(work, "answer-%s.json" % name)
-            with open(bodies[name], "wb") as f:
-                f.write(body)
-            # The image's own bytes, for the direct_response baseline of an image URL.
-            bodies["image-" + name] = os.path.join(work, "image-%s.png" % name)
-            with open(bodies["image-" + name], "wb") as f:
-                f.write(base64.b64decode(json.loads(body)["data"][0]["b64_json"]))
-        probe.stop()
+        bodies = probe_bodies(work, fake, prompts)
         sizes = {k: os.path.getsize(v) for k, v in bodies.items()}
 
         for conc in [int(c) for c in a.concurrency.split(",")]:

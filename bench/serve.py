@@ -7,7 +7,6 @@ interrupted (Ctrl-C, or SIGTERM: everything it started is stopped).
 
     .venv/bin/python bench/serve.py
 """
-import base64
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import run as bench  # noqa: E402
-from harness import CacheService, Envoy, FakeGemini, Process, envoy_bin, http, render_envoy, with_plugin  # noqa: E402
+from harness import CacheService, FakeGemini, Process, envoy_bin, http, render_envoy  # noqa: E402
 
 
 def main():
@@ -32,16 +31,7 @@ def main():
     ct = {"content-type": "application/json"}
     prompt = "bench two [fake:bytes=%d]" % (2 * bench.MIB)
     try:
-        probe = Envoy(work, name="envoy-probe", fake_gemini="127.0.0.1:%d" % fake.port,
-                      plugin=with_plugin(cache=None, urls=None), env_extra={"GEMINI_API_KEY": "bench"}, concurrency=1)
-        status, _, body = http("POST", probe.url() + "/v1/images/generations", json.dumps({"prompt": prompt}).encode(), ct)
-        probe.stop()
-        assert status == 200, body[:200]
-        bodies = {"2m": os.path.join(work, "answer-2m.json"), "image-2m": os.path.join(work, "image-2m.png")}
-        with open(bodies["2m"], "wb") as f:
-            f.write(body)
-        with open(bodies["image-2m"], "wb") as f:
-            f.write(base64.b64decode(json.loads(body)["data"][0]["b64_json"]))
+        bodies = bench.probe_bodies(work, fake, {"2m": prompt})
         doc = bench.bench_config(fake, cache, bodies, work)
         ports = {l["name"]: l["address"]["socket_address"]["port_value"] for l in doc["static_resources"]["listeners"]}
         cfg = render_envoy.write(doc, os.path.join(work, "bench-serve.yaml"))

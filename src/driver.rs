@@ -503,8 +503,6 @@ pub struct StreamDriver {
     flight: flights::FlightSeat,
     /// A large local reply's body, on its way to the response callbacks (`driver_reply.rs`).
     carried: carried::Carried,
-    /// A `HEAD` (of an image URL): its reply has headers only.
-    head_request: bool,
 }
 
 impl StreamDriver {
@@ -521,7 +519,6 @@ impl StreamDriver {
             upstream: streamed::Upstream::default(),
             flight: flights::FlightSeat::default(),
             carried: carried::Carried::default(),
-            head_request: false,
         }
     }
 
@@ -621,7 +618,6 @@ impl StreamDriver {
             if_none_match: host.request_header("if-none-match"),
             request_id: host.request_header("x-request-id"),
         };
-        self.head_request = head.method == "HEAD";
         let (name, profile) = self.resolve_profile(host);
         let mut fetch = files::FileFetch::new(self.settings.clone(), id, head, &name, now);
         let effects = match profile {

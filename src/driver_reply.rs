@@ -55,7 +55,8 @@ impl StreamDriver {
 
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Verdict {
         let Carried::Waiting(body) = &self.carried else { return self.stream_response_headers(host, end_of_stream) };
-        if end_of_stream && !self.head_request {
+        let head = self.fetch.as_ref().is_some_and(FileFetch::is_head);
+        if end_of_stream && !head {
             // Headers only, and not for a HEAD: nothing of the body goes out, so no length.
             self.carried = Carried::None;
             return Verdict::Continue;

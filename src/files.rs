@@ -218,6 +218,11 @@ impl FileFetch {
         matches!(self.phase, Phase::Done)
     }
 
+    /// A `HEAD`: its reply has headers only.
+    pub fn is_head(&self) -> bool {
+        self.head.method == "HEAD"
+    }
+
     /// The profile named for the request does not exist.
     pub fn on_unknown_profile(&mut self, now_ms: u64) -> Vec<Effect> {
         let e =
